@@ -1,0 +1,263 @@
+//! The gateway as one tower service. The order of layers and stages is written here, once.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneService;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::auth;
+use crate::body::{self, Body};
+use crate::error::Error;
+use crate::limits::RateLimiter;
+use crate::metering::UsageSink;
+use crate::openai::Endpoint;
+use crate::policy::{Policy, PolicyStore, Principal};
+use crate::proxy;
+use crate::telemetry::{LatencyLabels, Metrics, RequestLabels};
+
+/// Settings from `fuke.yaml` that the request path reads.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest JSON request body.
+    pub max_body_bytes: usize,
+    /// Largest multipart upload (audio transcriptions).
+    pub max_upload_bytes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_body_bytes: 4 << 20,
+            max_upload_bytes: 25 << 20,
+        }
+    }
+}
+
+/// Shared state of the gateway.
+pub struct App {
+    pub policy: Arc<PolicyStore>,
+    pub sink: Arc<dyn UsageSink>,
+    pub metrics: Arc<Metrics>,
+    pub limiter: RateLimiter,
+    pub settings: Settings,
+    shutting_down: AtomicBool,
+}
+
+pub type HttpService = BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
+
+impl App {
+    pub fn new(
+        policy: Arc<PolicyStore>,
+        sink: Arc<dyn UsageSink>,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Arc<Self> {
+        metrics.policy_version.set(policy.current().version as i64);
+        Arc::new(App {
+            policy,
+            sink,
+            metrics,
+            limiter: RateLimiter::default(),
+            settings,
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// Readiness goes red so load balancers stop sending; in-flight work continues.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Re-reads the policy directory; what the watcher calls.
+    pub fn reload_policy(&self) {
+        let result = match self.policy.reload() {
+            Ok(version) => {
+                self.metrics.policy_version.set(version as i64);
+                "ok"
+            }
+            Err(_) => "rejected",
+        };
+        self.metrics
+            .policy_reloads
+            .get_or_create(&crate::telemetry::ResultLabels { result })
+            .inc();
+    }
+}
+
+/// The gateway's HTTP service, outermost layer first.
+pub fn service(app: Arc<App>) -> HttpService {
+    let svc = ServiceBuilder::new()
+        // Every response, even a panic's, carries x-request-id (the caller's, or a new UUID).
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // Back to our body type (catch-panic wraps bodies in its own box type).
+        .map_response(|resp: Response<_>| resp.map(BodyExt::boxed_unsync))
+        // A bug in one request becomes a 500 for that request, not a dead connection.
+        .layer(CatchPanicLayer::custom(
+            |_panic: Box<dyn std::any::Any + Send>| {
+                Error::Internal("handler panicked".into()).into_response()
+            },
+        ))
+        .service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(handle(app, req).await) }
+        });
+    BoxCloneService::new(svc)
+}
+
+/// What the metrics say about one request.
+struct Labels {
+    tenant: Option<Arc<str>>,
+    model: Option<Arc<str>>,
+    endpoint: &'static str,
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    app.metrics.in_flight.inc();
+    let mut labels = Labels {
+        tenant: None,
+        model: None,
+        endpoint: "other",
+    };
+    let resp = match dispatch(&app, req, &mut labels).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    };
+    app.metrics.in_flight.dec();
+    let tenant = labels.tenant.as_deref().unwrap_or("-").to_string();
+    let model = labels.model.as_deref().unwrap_or("-").to_string();
+    app.metrics
+        .latency
+        .get_or_create(&LatencyLabels {
+            tenant: tenant.clone(),
+            model: model.clone(),
+            endpoint: labels.endpoint,
+        })
+        .observe(started.elapsed().as_secs_f64());
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            tenant,
+            model,
+            endpoint: labels.endpoint,
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    resp
+}
+
+fn endpoint_of(path: &str) -> Option<Endpoint> {
+    Some(match path {
+        "/v1/chat/completions" => Endpoint::ChatCompletions,
+        "/v1/completions" => Endpoint::Completions,
+        "/v1/embeddings" => Endpoint::Embeddings,
+        "/v1/audio/transcriptions" => Endpoint::AudioTranscriptions,
+        _ => return None,
+    })
+}
+
+/// The request stages, in order: edge routes, auth, policy checks, then the model call.
+async fn dispatch(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    labels: &mut Labels,
+) -> Result<Response<Body>, Error> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+
+    // Edge routes: no key needed.
+    match (&method, path.as_str()) {
+        (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok\n")),
+        (&Method::GET, "/readyz") => {
+            return if app.shutting_down.load(Ordering::SeqCst) {
+                Err(Error::ShuttingDown)
+            } else {
+                Ok(text(
+                    StatusCode::OK,
+                    format!("ready policy_version={}\n", app.policy.current().version),
+                ))
+            };
+        }
+        (&Method::GET, "/metrics") => {
+            let mut resp = text(StatusCode::OK, app.metrics.encode());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            return Ok(resp);
+        }
+        _ => {}
+    }
+
+    let endpoint = endpoint_of(&path);
+    let is_models = path == "/v1/models" || path.starts_with("/v1/models/");
+    let method_ok = match (&endpoint, is_models) {
+        (Some(_), _) => method == Method::POST,
+        (None, true) => method == Method::GET,
+        (None, false) => {
+            return Err(Error::UnknownRoute {
+                method: method.to_string(),
+                path,
+            });
+        }
+    };
+    if !method_ok {
+        return Err(Error::MethodNotAllowed {
+            method: method.to_string(),
+            path,
+        });
+    }
+    labels.endpoint = endpoint.map_or("models", Endpoint::as_str);
+
+    // One policy version for the whole request.
+    let policy: Arc<Policy> = app.policy.current();
+    let principal: Principal = auth::authenticate(req.headers(), &policy)?.clone();
+    labels.tenant = Some(principal.tenant.clone());
+    let tenant = policy
+        .tenant(&principal.tenant)
+        .ok_or_else(|| Error::Internal("key without tenant".into()))?;
+
+    if is_models {
+        return proxy::models(&policy, tenant, &path);
+    }
+
+    if let Some(rpm) = tenant.limits.requests_per_minute
+        && let Err(wait) = app.limiter.check(&tenant.name, rpm)
+    {
+        let secs = wait.0.as_secs() + u64::from(wait.0.subsec_nanos() > 0);
+        return Err(Error::RateLimited {
+            message: format!(
+                "Rate limit reached for tenant {}: {rpm} requests per minute. Retry in {secs}s.",
+                tenant.name
+            ),
+            retry_after_secs: secs.max(1),
+        });
+    }
+
+    let Some(endpoint) = endpoint else {
+        return Err(Error::Internal("unreachable route".into()));
+    };
+    let (resp, model) = proxy::model_call(app.clone(), policy, principal, endpoint, req).await;
+    labels.model = model;
+    resp
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(body::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,42 @@
+//! Backends answer model requests. One trait; `remote` speaks to any OpenAI-compatible server
+//! (the local llama.cpp backend plugs in beside it).
+
+pub mod remote;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::body::Body;
+use crate::error::Error;
+use crate::openai::Endpoint;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the gateway asks of a backend: the body is already rewritten for it.
+pub struct BackendRequest {
+    pub endpoint: Endpoint,
+    pub body: Body,
+    pub content_type: HeaderValue,
+    pub content_length: Option<u64>,
+    pub request_id: HeaderValue,
+}
+
+/// The backend's answer, body still streaming.
+pub struct BackendResponse {
+    pub status: StatusCode,
+    /// Headers worth relaying to the client (content type, retry-after, rate-limit hints).
+    pub headers: HeaderMap,
+    pub body: Body,
+    /// Longest silence allowed between two body frames.
+    pub idle_timeout: Duration,
+}
+
+pub trait Backend: Send + Sync {
+    /// Stable name used in metrics, logs and usage events.
+    fn name(&self) -> &str;
+
+    fn send(&self, req: BackendRequest) -> BoxFuture<'_, Result<BackendResponse, Error>>;
+}

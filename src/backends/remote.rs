@@ -1,0 +1,192 @@
+//! Remote OpenAI-compatible upstreams over a pooled hyper-util client with rustls.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Method, Request, header};
+use http_body_util::BodyExt;
+use hyper_rustls::HttpsConnectorBuilder;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use super::{Backend, BackendRequest, BackendResponse, BoxFuture};
+use crate::body::Body;
+use crate::error::Error;
+
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+
+/// Headers of an upstream answer that the client should see.
+const RELAYED: &[&str] = &[
+    "content-type",
+    "retry-after",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+    "openai-processing-ms",
+];
+
+/// Clients shared across policy versions, keyed by what makes them differ, so a reload keeps
+/// the warm connection pools.
+#[derive(Default)]
+pub struct ClientPool {
+    clients: Mutex<HashMap<(Vec<u8>, u64), HttpClient>>,
+}
+
+impl ClientPool {
+    /// A client trusting the webpki roots plus the PEM CAs in `extra_ca`.
+    pub fn get(&self, extra_ca: &[u8], connect_timeout: Duration) -> Result<HttpClient, String> {
+        let key = (extra_ca.to_vec(), connect_timeout.as_millis() as u64);
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let client = build_client(extra_ca, connect_timeout)?;
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+}
+
+fn build_client(extra_ca: &[u8], connect_timeout: Duration) -> Result<HttpClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if !extra_ca.is_empty() {
+        let mut n = 0;
+        for cert in CertificateDer::pem_slice_iter(extra_ca) {
+            let cert = cert.map_err(|e| format!("invalid PEM certificate: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("unusable CA certificate: {e}"))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err("no certificate found in the CA file".into());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .build(https))
+}
+
+/// One upstream from policy, ready to call.
+pub struct Remote {
+    pub name: String,
+    /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    pub api_key: Option<HeaderValue>,
+    pub client: HttpClient,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The API key stays out of every log line.
+        f.debug_struct("Remote")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Remote ===
+
+impl Remote {
+    async fn call(&self, req: BackendRequest) -> Result<BackendResponse, Error> {
+        let uri = format!("{}{}", self.base_url, req.endpoint.upstream_path());
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(&uri)
+            .header(header::CONTENT_TYPE, req.content_type)
+            .header(header::USER_AGENT, "fuke/0.1")
+            .header("x-request-id", req.request_id);
+        if let Some(len) = req.content_length {
+            builder = builder.header(header::CONTENT_LENGTH, len);
+        }
+        if let Some(key) = &self.api_key {
+            builder = builder.header(header::AUTHORIZATION, key.clone());
+        }
+        let request = builder
+            .body(req.body)
+            .map_err(|e| Error::Internal(format!("building upstream request: {e}")))?;
+
+        let response = tokio::time::timeout(self.first_byte_timeout, self.client.request(request))
+            .await
+            .map_err(|_| Error::UpstreamTimeout {
+                upstream: self.name.clone(),
+                after_ms: self.first_byte_timeout.as_millis() as u64,
+            })?
+            .map_err(|e| {
+                let detail = error_chain(&e);
+                if e.is_connect() {
+                    Error::UpstreamConnect {
+                        upstream: self.name.clone(),
+                        detail,
+                    }
+                } else {
+                    Error::UpstreamProtocol {
+                        upstream: self.name.clone(),
+                        detail,
+                    }
+                }
+            })?;
+
+        let (parts, body) = response.into_parts();
+        let mut headers = HeaderMap::new();
+        for name in RELAYED {
+            if let Some(v) = parts.headers.get(*name) {
+                headers.insert(*name, v.clone());
+            }
+        }
+        Ok(BackendResponse {
+            status: parts.status,
+            headers,
+            body: body.map_err(Into::into).boxed_unsync(),
+            idle_timeout: self.idle_timeout,
+        })
+    }
+}
+
+impl Backend for Remote {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn send(&self, req: BackendRequest) -> BoxFuture<'_, Result<BackendResponse, Error>> {
+        Box::pin(self.call(req))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

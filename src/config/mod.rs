@@ -1,0 +1,197 @@
+//! `fuke.yaml`: what needs a restart to change (listeners, TLS file paths, body limits, where the
+//! policies live). Strict raw types, then one validated [`Config`]; problems are reported together.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::app::Settings;
+use crate::policy::lines::LineIndex;
+use crate::policy::{Problem, Problems};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listeners: Vec<RawListener>,
+    #[serde(default)]
+    policies: Option<PathBuf>,
+    max_body_bytes: Option<usize>,
+    max_upload_bytes: Option<usize>,
+    shutdown_grace_secs: Option<u64>,
+    #[serde(default)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    addr: String,
+    /// Plain HTTP must be asked for by name.
+    #[serde(default)]
+    plaintext: bool,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    /// With a CA, clients must present a certificate it signed (mTLS).
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    /// `None`: plain HTTP (explicitly configured).
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<Listener>,
+    pub policies_dir: PathBuf,
+    pub settings: Settings,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, Problems> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Problems(vec![Problem {
+                file: path.to_path_buf(),
+                line: None,
+                path: String::new(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        let de = serde_yaml::Deserializer::from_str(&text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.to_string();
+            let msg = msg
+                .split(" at line ")
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            Problems(vec![Problem {
+                file: path.to_path_buf(),
+                line: inner.location().map(|l| l.line()),
+                path: if key == "." { String::new() } else { key },
+                message: msg,
+            }])
+        })?;
+        let lines = LineIndex::build(&text);
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut problems = Vec::new();
+        let mut add = |key: String, message: String| {
+            problems.push(Problem {
+                file: path.to_path_buf(),
+                line: lines.line_of(&key),
+                path: key,
+                message,
+            })
+        };
+
+        let mut listeners = Vec::new();
+        if raw.listeners.is_empty() {
+            add("listeners".into(), "at least one listener is needed".into());
+        }
+        for (i, l) in raw.listeners.iter().enumerate() {
+            let key = format!("listeners[{i}]");
+            let addr = match l.addr.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    add(
+                        format!("{key}.addr"),
+                        format!("`{}` is not an IP:port address", l.addr),
+                    );
+                    continue;
+                }
+            };
+            let tls = match (&l.tls, l.plaintext) {
+                (Some(_), true) => {
+                    add(
+                        key.clone(),
+                        "set either `tls` or `plaintext: true`, not both".into(),
+                    );
+                    continue;
+                }
+                (None, false) => {
+                    add(
+                        key.clone(),
+                        "needs `tls` (cert and key), or `plaintext: true` to serve plain HTTP"
+                            .into(),
+                    );
+                    continue;
+                }
+                (None, true) => None,
+                (Some(t), false) => {
+                    let files = TlsFiles {
+                        cert: base.join(&t.cert),
+                        key: base.join(&t.key),
+                        client_ca: t.client_ca.as_ref().map(|c| base.join(c)),
+                    };
+                    for (field, p) in [
+                        ("cert", Some(&files.cert)),
+                        ("key", Some(&files.key)),
+                        ("client_ca", files.client_ca.as_ref()),
+                    ] {
+                        if let Some(p) = p
+                            && !p.is_file()
+                        {
+                            add(
+                                format!("{key}.tls.{field}"),
+                                format!(
+                                    "{} does not exist (run `fuke certs dev` for development certificates)",
+                                    p.display()
+                                ),
+                            );
+                        }
+                    }
+                    Some(files)
+                }
+            };
+            listeners.push(Listener { addr, tls });
+        }
+        let defaults = Settings::default();
+        let settings = Settings {
+            max_body_bytes: raw.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            max_upload_bytes: raw.max_upload_bytes.unwrap_or(defaults.max_upload_bytes),
+        };
+        if settings.max_body_bytes == 0 {
+            add("max_body_bytes".into(), "must be greater than 0".into());
+        }
+        if problems.is_empty() {
+            Ok(Config {
+                listeners,
+                policies_dir: base.join(raw.policies.unwrap_or_else(|| "policies".into())),
+                settings,
+                shutdown_grace: Duration::from_secs(raw.shutdown_grace_secs.unwrap_or(30)),
+                log_format: raw.log_format,
+            })
+        } else {
+            Err(Problems(problems))
+        }
+    }
+}

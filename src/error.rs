@@ -1,0 +1,255 @@
+//! The one `Error` type of the request path, its classification, and the only place an error
+//! becomes an HTTP response (OpenAI's `{"error":{"message","type","param","code"}}`).
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use serde::Serialize;
+
+use crate::body::{self, Body};
+
+/// Where an error comes from; decides logging level and whether another candidate may be tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    /// The caller sent something we refuse.
+    Client,
+    /// The upstream model server failed, lied or hung.
+    Upstream,
+    /// A bug or resource problem inside the gateway.
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("missing or invalid API key")]
+    InvalidApiKey { provided: bool },
+    #[error("model `{model}` is not allowed for this key")]
+    ModelNotAllowed { model: String },
+    #[error("model `{model}` does not exist")]
+    ModelNotFound { model: String },
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("rate limit exceeded")]
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+    },
+    #[error("role `{role}` may not call {what}")]
+    Forbidden { role: &'static str, what: String },
+    #[error("unknown route {method} {path}")]
+    UnknownRoute { method: String, path: String },
+    #[error("method {method} not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("upstream `{upstream}` unreachable: {detail}")]
+    UpstreamConnect { upstream: String, detail: String },
+    #[error("upstream `{upstream}` timed out after {after_ms} ms")]
+    UpstreamTimeout { upstream: String, after_ms: u64 },
+    #[error("upstream `{upstream}` sent an invalid response: {detail}")]
+    UpstreamProtocol { upstream: String, detail: String },
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorFields<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorFields<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+// === impl Error ===
+
+impl Error {
+    pub fn invalid(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
+        Error::InvalidRequest {
+            message: message.into(),
+            param: param.into(),
+            code: None,
+        }
+    }
+
+    pub fn source_kind(&self) -> ErrorSource {
+        match self {
+            Error::UpstreamConnect { .. }
+            | Error::UpstreamTimeout { .. }
+            | Error::UpstreamProtocol { .. } => ErrorSource::Upstream,
+            Error::Internal(_) | Error::ShuttingDown => ErrorSource::Internal,
+            _ => ErrorSource::Client,
+        }
+    }
+
+    /// Whether another attempt (same or next candidate) could succeed without the caller
+    /// changing anything.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::UpstreamConnect { .. } | Error::UpstreamTimeout { .. } | Error::ShuttingDown
+        )
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::InvalidApiKey { .. } => StatusCode::UNAUTHORIZED,
+            Error::ModelNotAllowed { .. } | Error::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Error::ModelNotFound { .. } | Error::UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Error::UpstreamConnect { .. } | Error::UpstreamProtocol { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The JSON error body clients see. Internal details never leave the process: upstream and
+    /// internal errors get a fixed message, the detail goes to the log.
+    pub fn body_bytes(&self) -> Bytes {
+        let owned;
+        let (message, kind, param, code): (&str, &str, Option<&str>, Option<&str>) = match self {
+            Error::InvalidApiKey { provided: false } => (
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+            ),
+            Error::InvalidApiKey { provided: true } => (
+                "Incorrect API key provided.",
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+            ),
+            Error::ModelNotAllowed { model } => {
+                owned = format!("This key is not allowed to use the model `{model}`.");
+                (
+                    &owned,
+                    "invalid_request_error",
+                    Some("model"),
+                    Some("model_not_allowed"),
+                )
+            }
+            Error::ModelNotFound { model } => {
+                owned =
+                    format!("The model `{model}` does not exist or you do not have access to it.");
+                (
+                    &owned,
+                    "invalid_request_error",
+                    Some("model"),
+                    Some("model_not_found"),
+                )
+            }
+            Error::InvalidRequest {
+                message,
+                param,
+                code,
+            } => (message, "invalid_request_error", param.as_deref(), *code),
+            Error::BodyTooLarge { limit } => {
+                owned = format!("Request body is larger than the limit of {limit} bytes.");
+                (
+                    &owned,
+                    "invalid_request_error",
+                    None,
+                    Some("request_too_large"),
+                )
+            }
+            Error::RateLimited { message, .. } => {
+                (message, "requests", None, Some("rate_limit_exceeded"))
+            }
+            Error::Forbidden { .. } => {
+                owned = self.to_string();
+                (
+                    &owned,
+                    "invalid_request_error",
+                    None,
+                    Some("permission_denied"),
+                )
+            }
+            Error::UnknownRoute { method, path } => {
+                owned = format!("Invalid URL ({method} {path})");
+                (&owned, "invalid_request_error", None, Some("unknown_url"))
+            }
+            Error::MethodNotAllowed { method, path } => {
+                owned = format!("Method {method} is not allowed on {path}.");
+                (
+                    &owned,
+                    "invalid_request_error",
+                    None,
+                    Some("method_not_allowed"),
+                )
+            }
+            Error::UpstreamConnect { .. } | Error::UpstreamProtocol { .. } => (
+                "The model provider could not be reached or answered invalidly.",
+                "server_error",
+                None,
+                Some("upstream_error"),
+            ),
+            Error::UpstreamTimeout { .. } => (
+                "The model provider did not answer in time.",
+                "server_error",
+                None,
+                Some("upstream_timeout"),
+            ),
+            Error::ShuttingDown => (
+                "The gateway is shutting down; retry on another instance.",
+                "server_error",
+                None,
+                Some("shutting_down"),
+            ),
+            Error::Internal(_) => (
+                "The gateway had an internal error.",
+                "server_error",
+                None,
+                Some("internal_error"),
+            ),
+        };
+        let body = ErrorBody {
+            error: ErrorFields {
+                message,
+                kind,
+                param,
+                code,
+            },
+        };
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+    }
+
+    /// The only mapping from an error to an HTTP response.
+    pub fn into_response(self) -> Response<Body> {
+        match self.source_kind() {
+            ErrorSource::Client => tracing::debug!(error = %self, "request refused"),
+            ErrorSource::Upstream => tracing::warn!(error = %self, "upstream failure"),
+            ErrorSource::Internal => tracing::error!(error = %self, "internal error"),
+        }
+        let mut resp = Response::new(body::full(self.body_bytes()));
+        *resp.status_mut() = self.status();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Error::RateLimited {
+            retry_after_secs, ..
+        } = &self
+        {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        resp
+    }
+}

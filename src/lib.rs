@@ -1,0 +1,52 @@
+//! Fuke: an OpenAI-compatible inference gateway.
+//!
+//! Request flow (the order is written once, in [`app`]):
+//!
+//! ```text
+//! TLS accept (rustls) -> hyper (HTTP/1.1 + h2)                         server
+//!   -> request-id, catch-panic                                         app (tower layers)
+//!   -> auth: bearer key -> Principal under one pinned Arc<Policy>      auth, policy
+//!   -> policy: model allowed? rate limit                               app, limits
+//!   -> body: size cap, parse only what we act on, rewrite model        proxy, openai
+//!   -> backend: remote OpenAI-compatible server (pooled, rustls)        backends
+//!   -> relay: JSON whole / SSE frames as they arrived; usage sniffed    relay, sse
+//!   -> metering: UsageEvent recorded before the last bytes go out       metering
+//! ```
+//!
+//! Modules:
+//! - [`server`]: accept loop, TLS, HTTP/1.1 + h2, graceful shutdown.
+//! - [`app`]: the service and its stage order; health, readiness, metrics routes.
+//! - [`proxy`]: model endpoints and `/v1/models`.
+//! - [`relay`]: answer relaying and metering of JSON and SSE.
+//! - [`sse`]: the zero-copy SSE scanner.
+//! - [`openai`]: wire types (requests kept as raw JSON fields).
+//! - [`error`]: the one error type and its OpenAI-shaped response.
+//! - [`auth`]: API keys to principals.
+//! - [`policy`]: policy files, validation, hot reload.
+//! - [`config`]: `fuke.yaml`.
+//! - [`backends`]: the backend trait and the remote backend.
+//! - [`limits`]: in-process rate limits.
+//! - [`metering`]: usage events and sinks.
+//! - [`telemetry`]: logging and Prometheus metrics.
+//! - [`tls`]: rustls server configs with certificate hot reload.
+//! - [`reload`]: file watching for hot reload.
+//! - [`devcerts`]: development certificates.
+
+pub mod app;
+pub mod auth;
+pub mod backends;
+pub mod body;
+pub mod config;
+pub mod devcerts;
+pub mod error;
+pub mod limits;
+pub mod metering;
+pub mod openai;
+pub mod policy;
+pub mod proxy;
+pub mod relay;
+pub mod reload;
+pub mod server;
+pub mod sse;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,239 @@
+//! The `fuke` command: parses the CLI, sets up logging and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use fuke::app::App;
+use fuke::backends::remote::ClientPool;
+use fuke::config::{Config, LogFormat};
+use fuke::metering::MetricsSink;
+use fuke::policy::PolicyStore;
+use fuke::server::{self, Transport};
+use fuke::telemetry::{self, Metrics, ResultLabels};
+use fuke::tls::{CertStore, server_config};
+
+#[derive(Parser)]
+#[command(name = "fuke", version, about = "OpenAI-compatible inference gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gateway.
+    Serve {
+        #[arg(long, short, default_value = "fuke.yaml", env = "FUKE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate fuke.yaml and every policy file; list all problems as file:line: key: message.
+    Check {
+        #[arg(long, short, default_value = "fuke.yaml", env = "FUKE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print a new API key (once) and the policy line holding its SHA-256.
+    Keygen {
+        #[arg(long)]
+        tenant: String,
+        /// Key id shown in logs and usage (default: <tenant>-<random>).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long, default_value = "tenant", value_parser = ["tenant", "finance", "admin"])]
+        role: String,
+    },
+    /// Certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a development CA, a localhost server certificate and a client certificate.
+    Dev {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Check { config } => return check(config),
+        Command::Keygen { tenant, id, role } => keygen(&tenant, id, &role),
+        Command::Certs {
+            command: CertsCommand::Dev { dir },
+        } => fuke::devcerts::generate(&["localhost", "127.0.0.1", "::1"])
+            .and_then(|c| fuke::devcerts::write(&dir, &c))
+            .map(|()| {
+                println!(
+                    "wrote ca.pem, server.pem, client.pem and their keys to {}",
+                    dir.display()
+                )
+            })
+            .map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(config_path: PathBuf) -> ExitCode {
+    let mut problems = Vec::new();
+    match Config::load(&config_path) {
+        Ok(config) => {
+            for l in &config.listeners {
+                if let Some(t) = &l.tls
+                    && let Err(e) = CertStore::open(&t.cert, &t.key).and_then(|store| {
+                        server_config(Arc::new(store), t.client_ca.as_deref()).map(|_| ())
+                    })
+                {
+                    problems.push(e.to_string());
+                }
+            }
+            if let Err(p) = fuke::policy::load_dir(&config.policies_dir, 0, &ClientPool::default())
+            {
+                problems.extend(p.0.iter().map(ToString::to_string));
+            }
+        }
+        Err(p) => problems.extend(p.0.iter().map(ToString::to_string)),
+    }
+    if problems.is_empty() {
+        println!("ok: {} and its policies are valid", config_path.display());
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        eprintln!("{} problem(s)", problems.len());
+        ExitCode::FAILURE
+    }
+}
+
+fn keygen(tenant: &str, id: Option<String>, role: &str) -> anyhow::Result<()> {
+    let secret: [u8; 32] = rand::random();
+    let key = format!("fk-{}", hex::encode(secret));
+    let hash = hex::encode(fuke::policy::sha256(key.as_bytes()));
+    let suffix: [u8; 3] = rand::random();
+    let id = id.unwrap_or_else(|| format!("{tenant}-{}", hex::encode(suffix)));
+    println!("API key (shown once; store it now):\n  {key}\n");
+    println!("Add under tenants.{tenant}.keys in a policy file:");
+    println!("      - {{ id: {id}, sha256: {hash}, role: {role} }}");
+    Ok(())
+}
+
+fn serve(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&config_path).map_err(|p| anyhow::anyhow!("{p}"))?;
+    telemetry::init_logging(config.log_format == LogFormat::Json);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(serve_async(config))
+}
+
+async fn serve_async(config: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let clients = Arc::new(ClientPool::default());
+    let policy = Arc::new(
+        PolicyStore::open(&config.policies_dir, clients).map_err(|p| anyhow::anyhow!("{p}"))?,
+    );
+    let sink = Arc::new(MetricsSink::new(metrics.clone()));
+    let app = App::new(
+        policy.clone(),
+        sink,
+        metrics.clone(),
+        config.settings.clone(),
+    );
+
+    let _policy_watch = {
+        let app = app.clone();
+        fuke::reload::watch_dirs("policies", vec![config.policies_dir.clone()], move || {
+            app.reload_policy()
+        })
+        .context("watching the policy directory")?
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    let mut cert_watches = Vec::new();
+    for l in &config.listeners {
+        let transport = match &l.tls {
+            None => {
+                if !l.addr.ip().is_loopback() {
+                    tracing::warn!(addr = %l.addr, "plain HTTP on a non-loopback address (configured explicitly)");
+                }
+                Transport::Plain
+            }
+            Some(t) => {
+                let store = Arc::new(CertStore::open(&t.cert, &t.key)?);
+                let tls = server_config(store.clone(), t.client_ca.as_deref())?;
+                let metrics = metrics.clone();
+                let s = store.clone();
+                cert_watches.push(fuke::reload::watch_dirs("certificates", store.watch_dirs(), move || {
+                    let result = match s.reload() {
+                        Ok(()) => {
+                            tracing::info!("certificate reloaded");
+                            "ok"
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "certificate reload rejected; keeping the previous one");
+                            "rejected"
+                        }
+                    };
+                    metrics.tls_reloads.get_or_create(&ResultLabels { result }).inc();
+                })?);
+                Transport::Tls(tls)
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(l.addr)
+            .await
+            .with_context(|| format!("binding {}", l.addr))?;
+        tracing::info!(addr = %listener.local_addr()?, tls = l.tls.is_some(), "listening");
+        let mut stop = stop_rx.clone();
+        let app = app.clone();
+        let grace = config.shutdown_grace;
+        servers.spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            server::run(listener, transport, app, shutdown, grace).await
+        });
+    }
+
+    shutdown_signal().await;
+    tracing::info!("shutdown signal received");
+    let _ = stop_tx.send(true);
+    while let Some(r) = servers.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,345 @@
+//! OpenAI wire types: requests parsed only as far as Fuke acts on them (the other fields are kept
+//! as raw JSON and re-emitted byte-for-byte), usage objects, and model listings.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::Error;
+
+/// The JSON endpoints Fuke routes by `model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    AudioTranscriptions,
+}
+
+impl Endpoint {
+    /// Path below the upstream's base URL (which ends in `/v1`).
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+            Endpoint::AudioTranscriptions => "/audio/transcriptions",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat.completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::AudioTranscriptions => "audio.transcriptions",
+        }
+    }
+
+    fn can_stream(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Completions)
+    }
+}
+
+/// A JSON request body: every top-level field as the raw bytes it arrived in, plus the few
+/// fields the gateway acts on, validated.
+#[derive(Debug)]
+pub struct JsonRequest {
+    fields: IndexMap<String, Box<RawValue>>,
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub stream: bool,
+    /// Whether the client itself asked for the usage chunk.
+    pub include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct MessageShape<'a> {
+    #[serde(borrow)]
+    role: Option<&'a RawValue>,
+}
+
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
+fn type_error(param: &str, expected: &str) -> Error {
+    Error::invalid(
+        format!("Invalid type for '{param}': expected {expected}."),
+        Some(param.to_owned()),
+    )
+}
+
+fn missing(param: &str) -> Error {
+    Error::invalid(
+        format!("Missing required parameter: '{param}'."),
+        Some(param.to_owned()),
+    )
+}
+
+// === impl JsonRequest ===
+
+impl JsonRequest {
+    pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Self, Error> {
+        let fields: IndexMap<String, Box<RawValue>> =
+            serde_json::from_slice(body).map_err(|e| {
+                let what = if e.is_data() {
+                    "the body must be a JSON object"
+                } else {
+                    "the body is not valid JSON"
+                };
+                Error::invalid(
+                    format!(
+                        "We could not parse the JSON body of your request: {what} (line {}, column {}).",
+                        e.line(),
+                        e.column()
+                    ),
+                    None,
+                )
+            })?;
+
+        let model = match fields.get("model") {
+            None => return Err(missing("model")),
+            Some(raw) => serde_json::from_str::<String>(raw.get())
+                .map_err(|_| type_error("model", "a string"))?,
+        };
+        if model.is_empty() {
+            return Err(missing("model"));
+        }
+
+        match endpoint {
+            Endpoint::ChatCompletions => validate_messages(fields.get("messages"))?,
+            Endpoint::Completions => {
+                if !fields.contains_key("prompt") {
+                    return Err(missing("prompt"));
+                }
+            }
+            Endpoint::Embeddings => {
+                if !fields.contains_key("input") {
+                    return Err(missing("input"));
+                }
+            }
+            Endpoint::AudioTranscriptions => {}
+        }
+
+        let stream = match fields.get("stream") {
+            None => false,
+            Some(raw) => serde_json::from_str::<Option<bool>>(raw.get())
+                .map_err(|_| type_error("stream", "a boolean"))?
+                .unwrap_or(false),
+        };
+        if stream && !endpoint.can_stream() {
+            return Err(Error::invalid(
+                "This endpoint does not support 'stream'.",
+                Some("stream".to_owned()),
+            ));
+        }
+        let include_usage = match fields.get("stream_options") {
+            None => false,
+            Some(raw) => {
+                #[derive(Deserialize)]
+                struct StreamOptions {
+                    include_usage: Option<bool>,
+                }
+                serde_json::from_str::<Option<StreamOptions>>(raw.get())
+                    .map_err(|_| {
+                        type_error("stream_options", "an object with a boolean 'include_usage'")
+                    })?
+                    .and_then(|o| o.include_usage)
+                    .unwrap_or(false)
+            }
+        };
+
+        Ok(JsonRequest {
+            fields,
+            endpoint,
+            model,
+            stream,
+            include_usage,
+        })
+    }
+
+    /// The body sent upstream: the client's fields in their order and bytes, with `model`
+    /// replaced by the upstream's name and, for streams, `stream_options.include_usage`
+    /// forced on so the gateway always learns the real token counts.
+    pub fn upstream_body(&self, upstream_model: &str) -> Bytes {
+        let size: usize = self
+            .fields
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum();
+        let mut out = BytesMut::with_capacity(size + upstream_model.len() + 48);
+        out.put_u8(b'{');
+        let mut first = true;
+        let mut put_field = |out: &mut BytesMut, key: &str, value: &[u8]| {
+            if !first {
+                out.put_u8(b',');
+            }
+            first = false;
+            // Keys came out of JSON; re-escaping them is exact for every valid key.
+            out.put_slice(&serde_json::to_vec(key).unwrap_or_default());
+            out.put_u8(b':');
+            out.put_slice(value);
+        };
+        let model_json = serde_json::to_vec(upstream_model).unwrap_or_default();
+        let mut saw_stream_options = false;
+        for (key, raw) in &self.fields {
+            match key.as_str() {
+                "model" => put_field(&mut out, key, &model_json),
+                "stream_options" if self.stream => {
+                    saw_stream_options = true;
+                    put_field(&mut out, key, &forced_stream_options(raw));
+                }
+                _ => put_field(&mut out, key, raw.get().as_bytes()),
+            }
+        }
+        if self.stream && !saw_stream_options {
+            put_field(&mut out, "stream_options", br#"{"include_usage":true}"#);
+        }
+        out.put_u8(b'}');
+        out.freeze()
+    }
+}
+
+fn forced_stream_options(raw: &RawValue) -> Vec<u8> {
+    let mut map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(raw.get()).unwrap_or_default();
+    map.insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&map).unwrap_or_else(|_| br#"{"include_usage":true}"#.to_vec())
+}
+
+fn validate_messages(raw: Option<&Box<RawValue>>) -> Result<(), Error> {
+    let raw = raw.ok_or_else(|| missing("messages"))?;
+    let messages: Vec<&RawValue> =
+        serde_json::from_str(raw.get()).map_err(|_| type_error("messages", "an array"))?;
+    if messages.is_empty() {
+        return Err(Error::invalid(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+            Some("messages".to_owned()),
+        ));
+    }
+    for (i, message) in messages.iter().enumerate() {
+        let shape: MessageShape = serde_json::from_str(message.get())
+            .map_err(|_| type_error(&format!("messages[{i}]"), "an object"))?;
+        let param = format!("messages[{i}].role");
+        let role = shape.role.ok_or_else(|| missing(&param))?;
+        let role: &str =
+            serde_json::from_str(role.get()).map_err(|_| type_error(&param, "a string"))?;
+        if !ROLES.contains(&role) {
+            return Err(Error::invalid(
+                format!(
+                    "Invalid value: '{role}'. Supported values are: 'system', 'developer', 'user', 'assistant', 'tool' and 'function'."
+                ),
+                Some(param),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Token counts as OpenAI reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// Reads `usage` out of a complete JSON response without building a tree of the rest.
+pub fn usage_of_response(body: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct UsageOnly {
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<UsageOnly>(body).ok()?.usage
+}
+
+#[derive(Serialize)]
+pub struct ModelObject<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+}
+
+#[derive(Serialize)]
+pub struct ModelList<'a> {
+    pub object: &'static str,
+    pub data: Vec<ModelObject<'a>>,
+}
+
+impl<'a> ModelObject<'a> {
+    pub fn new(id: &'a str) -> Self {
+        ModelObject {
+            id,
+            object: "model",
+            created: 0,
+            owned_by: "fuke",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_pass_through_byte_for_byte() {
+        let body = br#"{"model":"alias","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"a" : 1.50}}}],"seed":7}"#;
+        let req = JsonRequest::parse(Endpoint::ChatCompletions, body).unwrap();
+        let out = req.upstream_body("gpt-x");
+        let s = std::str::from_utf8(&out).unwrap();
+        assert!(s.starts_with(r#"{"model":"gpt-x","messages":[{"role":"user","content":"hi"}],"#));
+        assert!(s.contains(r#""parameters":{"a" : 1.50}"#));
+        assert!(!s.contains("stream_options"));
+    }
+
+    #[test]
+    fn stream_forces_include_usage_and_keeps_other_options() {
+        let body = br#"{"model":"a","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":false,"other":1}}"#;
+        let req = JsonRequest::parse(Endpoint::ChatCompletions, body).unwrap();
+        assert!(req.stream && !req.include_usage);
+        let v: serde_json::Value = serde_json::from_slice(&req.upstream_body("m")).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["other"], 1);
+    }
+
+    #[test]
+    fn errors_name_the_param() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            (b"{", None),
+            (b"[1]", None),
+            (br#"{"messages":[]}"#, Some("model")),
+            (br#"{"model":3,"messages":[]}"#, Some("model")),
+            (br#"{"model":"m"}"#, Some("messages")),
+            (br#"{"model":"m","messages":{}}"#, Some("messages")),
+            (br#"{"model":"m","messages":[]}"#, Some("messages")),
+            (br#"{"model":"m","messages":[1]}"#, Some("messages[0]")),
+            (
+                br#"{"model":"m","messages":[{"role":"x"}]}"#,
+                Some("messages[0].role"),
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#,
+                Some("stream"),
+            ),
+        ];
+        for (body, param) in cases {
+            match JsonRequest::parse(Endpoint::ChatCompletions, body) {
+                Err(Error::InvalidRequest { param: p, .. }) => {
+                    assert_eq!(p.as_deref(), *param, "{}", String::from_utf8_lossy(body))
+                }
+                other => panic!("{:?} for {}", other, String::from_utf8_lossy(body)),
+            }
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! Reading `policies/*.yaml`: strict parsing with key paths, merging, and validation that reports
+//! every problem at once as `file:line: key path: message`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+
+use super::lines::LineIndex;
+use super::raw::{RawPolicyFile, RawTenant};
+use super::{Limits, ModelRoute, Policy, Principal, Tenant};
+use crate::backends::remote::{ClientPool, Remote};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if self.path.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in one load; non-empty by construction.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+struct Source {
+    file: PathBuf,
+    lines: LineIndex,
+    raw: RawPolicyFile,
+}
+
+struct Report<'a> {
+    sources: &'a [Source],
+    problems: Vec<Problem>,
+}
+
+impl Report<'_> {
+    fn add(&mut self, src: usize, path: String, message: impl Into<String>) {
+        let s = &self.sources[src];
+        self.problems.push(Problem {
+            file: s.file.clone(),
+            line: s.lines.line_of(&path),
+            path,
+            message: message.into(),
+        });
+    }
+}
+
+/// Loads and validates every `*.yaml`/`*.yml` file in `dir` into one policy. Nothing is returned
+/// unless everything is valid.
+pub fn load_dir(dir: &Path, version: u64, clients: &ClientPool) -> Result<Policy, Problems> {
+    let mut problems = Vec::new();
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+                    && p.is_file()
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect(),
+        Err(e) => {
+            return Err(Problems(vec![Problem {
+                file: dir.to_path_buf(),
+                line: None,
+                path: String::new(),
+                message: format!("cannot read policy directory: {e}"),
+            }]));
+        }
+    };
+    files.sort();
+
+    let mut sources = Vec::new();
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(Problem {
+                    file,
+                    line: None,
+                    path: String::new(),
+                    message: format!("cannot read: {e}"),
+                });
+                continue;
+            }
+        };
+        match parse(&text) {
+            Ok(raw) => sources.push(Source {
+                lines: LineIndex::build(&text),
+                file,
+                raw,
+            }),
+            Err((line, path, message)) => problems.push(Problem {
+                file,
+                line,
+                path,
+                message,
+            }),
+        }
+    }
+    if sources.is_empty() && problems.is_empty() {
+        problems.push(Problem {
+            file: dir.to_path_buf(),
+            line: None,
+            path: String::new(),
+            message: "no policy files (*.yaml) found".into(),
+        });
+    }
+
+    let mut report = Report {
+        sources: &sources,
+        problems,
+    };
+    let policy = validate(&mut report, version, clients);
+    if report.problems.is_empty() {
+        Ok(policy)
+    } else {
+        Err(Problems(report.problems))
+    }
+}
+
+fn parse(text: &str) -> Result<RawPolicyFile, (Option<usize>, String, String)> {
+    if text.trim().is_empty() {
+        return Ok(RawPolicyFile::default());
+    }
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let inner = e.into_inner();
+        let line = inner.location().map(|l| l.line());
+        // serde_yaml appends "at line N column M"; the line is already in front.
+        let msg = inner.to_string();
+        let msg = match msg.find(" at line ") {
+            Some(i) => msg[..i].to_string(),
+            None => msg,
+        };
+        (line, path, msg)
+    })
+}
+
+fn validate(report: &mut Report<'_>, version: u64, clients: &ClientPool) -> Policy {
+    let sources = report.sources;
+    let mut upstreams: HashMap<&str, (usize, Arc<Remote>)> = HashMap::new();
+    for (si, src) in sources.iter().enumerate() {
+        for (name, up) in &src.raw.upstreams {
+            let path = format!("upstreams.{name}");
+            if upstreams.contains_key(name.as_str()) {
+                report.add(si, path, "defined in more than one policy file");
+                continue;
+            }
+            let base_url = up.base_url.trim_end_matches('/').to_string();
+            match base_url.parse::<http::Uri>() {
+                Ok(u)
+                    if matches!(u.scheme_str(), Some("http" | "https"))
+                        && u.authority().is_some() => {}
+                _ => {
+                    report.add(
+                        si,
+                        format!("{path}.base_url"),
+                        "must be an http:// or https:// URL with a host",
+                    );
+                    continue;
+                }
+            }
+            let api_key = match &up.api_key_env {
+                None => None,
+                Some(var) => match std::env::var(var) {
+                    Ok(v) if !v.is_empty() => match HeaderValue::from_str(&format!("Bearer {v}")) {
+                        Ok(mut hv) => {
+                            hv.set_sensitive(true);
+                            Some(hv)
+                        }
+                        Err(_) => {
+                            report.add(
+                                    si,
+                                    format!("{path}.api_key_env"),
+                                    format!("environment variable {var} holds characters not allowed in a header"),
+                                );
+                            continue;
+                        }
+                    },
+                    _ => {
+                        report.add(
+                            si,
+                            format!("{path}.api_key_env"),
+                            format!("environment variable {var} is not set"),
+                        );
+                        continue;
+                    }
+                },
+            };
+            let ca = match &up.ca_file {
+                None => Vec::new(),
+                Some(f) => match std::fs::read(f) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        report.add(
+                            si,
+                            format!("{path}.ca_file"),
+                            format!("cannot read {}: {e}", f.display()),
+                        );
+                        continue;
+                    }
+                },
+            };
+            let connect = Duration::from_millis(up.connect_timeout_ms.unwrap_or(2_000));
+            let client = match clients.get(&ca, connect) {
+                Ok(c) => c,
+                Err(e) => {
+                    report.add(si, format!("{path}.ca_file"), e);
+                    continue;
+                }
+            };
+            let remote = Remote {
+                name: name.clone(),
+                base_url,
+                api_key,
+                client,
+                first_byte_timeout: Duration::from_millis(
+                    up.first_byte_timeout_ms.unwrap_or(60_000),
+                ),
+                idle_timeout: Duration::from_millis(up.idle_timeout_ms.unwrap_or(60_000)),
+            };
+            upstreams.insert(name, (si, Arc::new(remote)));
+        }
+    }
+
+    let mut models: HashMap<Arc<str>, ModelRoute> = HashMap::new();
+    for (si, src) in sources.iter().enumerate() {
+        for (alias, m) in &src.raw.models {
+            let path = format!("models.{alias}");
+            if models.contains_key(alias.as_str()) {
+                report.add(si, path, "defined in more than one policy file");
+                continue;
+            }
+            let Some((_, upstream)) = upstreams.get(m.upstream.as_str()) else {
+                let known_in_raw = sources
+                    .iter()
+                    .any(|s| s.raw.upstreams.contains_key(&m.upstream));
+                if !known_in_raw {
+                    report.add(
+                        si,
+                        format!("{path}.upstream"),
+                        format!("unknown upstream `{}`", m.upstream),
+                    );
+                }
+                continue;
+            };
+            let alias: Arc<str> = alias.as_str().into();
+            models.insert(
+                alias.clone(),
+                ModelRoute {
+                    upstream_model: m.model.clone().unwrap_or_else(|| alias.to_string()),
+                    alias,
+                    upstream: upstream.clone(),
+                },
+            );
+        }
+    }
+
+    let mut tenants = HashMap::new();
+    let mut keys = HashMap::new();
+    let mut key_ids: HashMap<String, ()> = HashMap::new();
+    for (si, src) in sources.iter().enumerate() {
+        for (name, t) in &src.raw.tenants {
+            let path = format!("tenants.{name}");
+            if tenants.contains_key(name.as_str()) {
+                report.add(si, path, "defined in more than one policy file");
+                continue;
+            }
+            let tenant = validate_tenant(report, si, name, t, &models, sources);
+            for (ki, key) in t.keys.iter().enumerate() {
+                let kpath = format!("{path}.keys[{ki}]");
+                if key.id.is_empty() {
+                    report.add(si, format!("{kpath}.id"), "must not be empty");
+                    continue;
+                }
+                if key_ids.insert(key.id.clone(), ()).is_some() {
+                    report.add(
+                        si,
+                        format!("{kpath}.id"),
+                        format!("key id `{}` is used twice", key.id),
+                    );
+                    continue;
+                }
+                let mut hash = [0u8; 32];
+                if key.sha256.len() != 64 || hex::decode_to_slice(&key.sha256, &mut hash).is_err() {
+                    report.add(
+                        si,
+                        format!("{kpath}.sha256"),
+                        "must be 64 hex digits (the SHA-256 that `fuke keygen` prints)",
+                    );
+                    continue;
+                }
+                let principal = Principal {
+                    tenant: tenant.name.clone(),
+                    key_id: key.id.as_str().into(),
+                    role: key.role,
+                };
+                if keys.insert(hash, (principal, hash)).is_some() {
+                    report.add(
+                        si,
+                        format!("{kpath}.sha256"),
+                        "the same key hash is listed twice",
+                    );
+                }
+            }
+            tenants.insert(tenant.name.clone(), tenant);
+        }
+    }
+
+    Policy {
+        version,
+        keys,
+        tenants,
+        models,
+    }
+}
+
+fn validate_tenant(
+    report: &mut Report<'_>,
+    si: usize,
+    name: &str,
+    t: &RawTenant,
+    models: &HashMap<Arc<str>, ModelRoute>,
+    sources: &[Source],
+) -> Tenant {
+    let path = format!("tenants.{name}");
+    let mut allowed: Vec<Arc<str>> = Vec::new();
+    for (i, m) in t.models.iter().enumerate() {
+        if m == "*" {
+            allowed.extend(models.keys().cloned());
+        } else if let Some((alias, _)) = models.get_key_value(m.as_str()) {
+            allowed.push(alias.clone());
+        } else if !sources.iter().any(|s| s.raw.models.contains_key(m)) {
+            report.add(
+                si,
+                format!("{path}.models[{i}]"),
+                format!("unknown model alias `{m}`"),
+            );
+        }
+    }
+    allowed.sort();
+    allowed.dedup();
+    if let Some(0) = t.limits.requests_per_minute {
+        report.add(
+            si,
+            format!("{path}.limits.requests_per_minute"),
+            "must be at least 1 (leave it out for no limit)",
+        );
+    }
+    Tenant {
+        name: name.into(),
+        models: allowed,
+        limits: Limits {
+            requests_per_minute: t.limits.requests_per_minute.filter(|n| *n > 0),
+        },
+    }
+}

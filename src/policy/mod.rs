@@ -1,0 +1,107 @@
+//! Policy: tenants, keys, roles, model aliases and upstreams, read from `policies/*.yaml`,
+//! validated as a whole into an indexed [`Policy`], and hot-swapped as a whole (see `watch`).
+
+pub(crate) mod lines;
+mod load;
+pub mod raw;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+
+pub use load::{Problem, Problems, load_dir};
+pub use raw::Role;
+pub use store::PolicyStore;
+
+use crate::backends::remote::Remote;
+
+/// Who is calling: resolved from the API key, carried through the whole request.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub tenant: Arc<str>,
+    pub key_id: Arc<str>,
+    pub role: Role,
+}
+
+#[derive(Debug)]
+pub struct Tenant {
+    pub name: Arc<str>,
+    /// Sorted aliases this tenant may use.
+    pub models: Vec<Arc<str>>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub requests_per_minute: Option<u32>,
+}
+
+/// An alias clients name in `model`, and where it goes.
+#[derive(Debug)]
+pub struct ModelRoute {
+    pub alias: Arc<str>,
+    pub upstream: Arc<Remote>,
+    pub upstream_model: String,
+}
+
+/// One complete, validated policy version. Requests pin one `Arc<Policy>` for their lifetime.
+#[derive(Debug)]
+pub struct Policy {
+    pub version: u64,
+    keys: HashMap<[u8; 32], (Principal, [u8; 32])>,
+    tenants: HashMap<Arc<str>, Tenant>,
+    models: HashMap<Arc<str>, ModelRoute>,
+}
+
+// === impl Policy ===
+
+impl Policy {
+    /// Resolves a presented API key. The map is keyed by the key's SHA-256 (so lookups reveal
+    /// nothing about stored hashes), and the stored hash is then compared in constant time.
+    pub fn authenticate(&self, key: &[u8]) -> Option<&Principal> {
+        let digest = sha256(key);
+        let (principal, stored) = self.keys.get(&digest)?;
+        bool::from(stored.ct_eq(&digest)).then_some(principal)
+    }
+
+    pub fn tenant(&self, name: &str) -> Option<&Tenant> {
+        self.tenants.get(name)
+    }
+
+    pub fn model(&self, alias: &str) -> Option<&ModelRoute> {
+        self.models.get(alias)
+    }
+
+    /// The route for `alias` if `tenant` may use it; the error says which of the two failed.
+    pub fn route_for(&self, tenant: &Tenant, alias: &str) -> Result<&ModelRoute, RouteRefusal> {
+        let route = self.models.get(alias).ok_or(RouteRefusal::Unknown)?;
+        if tenant
+            .models
+            .binary_search_by(|m| m.as_ref().cmp(alias))
+            .is_ok()
+        {
+            Ok(route)
+        } else {
+            Err(RouteRefusal::NotAllowed)
+        }
+    }
+
+    pub fn tenant_count(&self) -> usize {
+        self.tenants.len()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteRefusal {
+    Unknown,
+    NotAllowed,
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&Sha256::digest(data));
+    out
+}

@@ -1,0 +1,65 @@
+//! The live policy: an `ArcSwap` holding one complete version, replaced only by another complete
+//! version. A broken edit is logged and counted; the old version keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+
+use super::{Policy, Problems, load_dir};
+use crate::backends::remote::ClientPool;
+
+pub struct PolicyStore {
+    current: ArcSwap<Policy>,
+    dir: PathBuf,
+    clients: Arc<ClientPool>,
+    next_version: AtomicU64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+impl PolicyStore {
+    pub fn open(dir: &Path, clients: Arc<ClientPool>) -> Result<Self, Problems> {
+        let policy = load_dir(dir, 1, &clients)?;
+        Ok(PolicyStore {
+            current: ArcSwap::from_pointee(policy),
+            dir: dir.to_path_buf(),
+            clients,
+            next_version: AtomicU64::new(2),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        })
+    }
+
+    /// The version a request pins for its whole lifetime.
+    pub fn current(&self) -> Arc<Policy> {
+        self.current.load_full()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads the directory again; swaps only if every file is valid.
+    pub fn reload(&self) -> Result<u64, Problems> {
+        let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        match load_dir(&self.dir, version, &self.clients) {
+            Ok(policy) => {
+                self.current.store(Arc::new(policy));
+                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(version, "policy reloaded");
+                Ok(version)
+            }
+            Err(problems) => {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    kept_version = self.current.load().version,
+                    problems = %problems,
+                    "policy reload rejected; the previous policy keeps serving"
+                );
+                Err(problems)
+            }
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The model endpoints: read and check the request under the pinned policy, call the route's
+//! backend, relay and meter the answer. Also `/v1/models`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderValue, Request, Response, header};
+use http_body::Frame;
+use http_body_util::{BodyExt, BodyStream, Limited, StreamBody};
+use hyper::body::Incoming;
+
+use crate::app::App;
+use crate::backends::{Backend, BackendRequest};
+use crate::body::{self, Body};
+use crate::error::Error;
+use crate::metering::Outcome;
+use crate::openai::{Endpoint, JsonRequest, ModelList, ModelObject};
+use crate::policy::{ModelRoute, Policy, Principal, RouteRefusal, Tenant};
+use crate::relay::{Meter, relay};
+use crate::telemetry::UpstreamLabels;
+
+/// `GET /v1/models` and `GET /v1/models/{id}`: only the aliases this tenant may use.
+pub fn models(policy: &Policy, tenant: &Tenant, path: &str) -> Result<Response<Body>, Error> {
+    let json = match path.strip_prefix("/v1/models/") {
+        None => serde_json::to_vec(&ModelList {
+            object: "list",
+            data: tenant.models.iter().map(|m| ModelObject::new(m)).collect(),
+        }),
+        Some(id) => match policy.route_for(tenant, id) {
+            Ok(route) => serde_json::to_vec(&ModelObject::new(&route.alias)),
+            Err(_) => {
+                // Unknown and forbidden look the same here: listing must not reveal aliases.
+                return Err(Error::ModelNotFound {
+                    model: id.to_string(),
+                });
+            }
+        },
+    }
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(json_response(json))
+}
+
+fn json_response(json: Vec<u8>) -> Response<Body> {
+    let mut resp = Response::new(body::full(json));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// The route for `alias`, or the error the SDKs expect.
+fn route<'p>(policy: &'p Policy, tenant: &Tenant, alias: &str) -> Result<&'p ModelRoute, Error> {
+    policy.route_for(tenant, alias).map_err(|r| match r {
+        RouteRefusal::Unknown => Error::ModelNotFound {
+            model: alias.to_string(),
+        },
+        RouteRefusal::NotAllowed => Error::ModelNotAllowed {
+            model: alias.to_string(),
+        },
+    })
+}
+
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// POST to a model endpoint.
+///
+/// Takes its state by value (owned `Arc`s) so the future is `Send` for any caller. Returns the
+/// alias served, for the metrics labels, beside the response.
+pub async fn model_call(
+    app: Arc<App>,
+    policy: Arc<Policy>,
+    principal: Principal,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+) -> (Result<Response<Body>, Error>, Option<Arc<str>>) {
+    let mut model_label = None;
+    let result = model_call_inner(&app, &policy, &principal, endpoint, req, &mut model_label).await;
+    (result, model_label)
+}
+
+async fn model_call_inner(
+    app: &App,
+    policy: &Policy,
+    principal: &Principal,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+    model_label: &mut Option<Arc<str>>,
+) -> Result<Response<Body>, Error> {
+    let started = Instant::now();
+    let tenant = policy
+        .tenant(&principal.tenant)
+        .ok_or_else(|| Error::Internal("key without tenant".into()))?;
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("-"));
+
+    let limit = if endpoint == Endpoint::AudioTranscriptions {
+        app.settings.max_upload_bytes
+    } else {
+        app.settings.max_body_bytes
+    };
+    if declared_length(&req).is_some_and(|n| n > limit as u64) {
+        return Err(Error::BodyTooLarge { limit });
+    }
+
+    let (alias, upstream_body, content_type, content_length, stream, include_usage) =
+        if endpoint == Endpoint::AudioTranscriptions {
+            let upload = read_multipart_head(req, limit).await?;
+            (
+                upload.model,
+                upload.body,
+                upload.content_type,
+                upload.length,
+                false,
+                false,
+            )
+        } else {
+            let bytes = read_body(req.into_body(), limit).await?;
+            let parsed = JsonRequest::parse(endpoint, &bytes)?;
+            let route = route(policy, tenant, &parsed.model)?;
+            let out = parsed.upstream_body(&route.upstream_model);
+            let len = out.len() as u64;
+            (
+                parsed.model.clone(),
+                body::full(out),
+                HeaderValue::from_static("application/json"),
+                Some(len),
+                parsed.stream,
+                parsed.include_usage,
+            )
+        };
+    let route = route(policy, tenant, &alias)?;
+    *model_label = Some(route.alias.clone());
+
+    let meter = Meter {
+        sink: app.sink.clone(),
+        request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+        tenant: principal.tenant.clone(),
+        key_id: principal.key_id.clone(),
+        endpoint,
+        model_alias: route.alias.clone(),
+        upstream_model: route.upstream_model.clone(),
+        backend: route.upstream.name().to_string(),
+        started,
+        streamed: stream,
+    };
+
+    let answer = route
+        .upstream
+        .send(BackendRequest {
+            endpoint,
+            body: upstream_body,
+            content_type,
+            content_length,
+            request_id,
+        })
+        .await;
+    let status = answer.as_ref().map_or(0, |a| a.status.as_u16());
+    app.metrics
+        .upstream_responses
+        .get_or_create(&UpstreamLabels {
+            upstream: route.upstream.name().to_string(),
+            status,
+        })
+        .inc();
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            meter
+                .record(None, e.status().as_u16(), Outcome::UpstreamFailed)
+                .await;
+            return Err(e);
+        }
+    };
+    relay(answer, meter, stream && !include_usage).await
+}
+
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Error> {
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Error::BodyTooLarge { limit }),
+        Err(_) => Err(Error::invalid("The request body could not be read.", None)),
+    }
+}
+
+/// A multipart upload whose head has been read far enough to know the model.
+struct Upload {
+    model: String,
+    content_type: HeaderValue,
+    length: Option<u64>,
+    /// The upload exactly as received: the frames read so far, then the rest as it arrives.
+    body: Body,
+}
+
+/// Reads a `multipart/form-data` body only until its `model` field is complete, then hands on the
+/// whole body unchanged and still streaming.
+async fn read_multipart_head(req: Request<Incoming>, limit: usize) -> Result<Upload, Error> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .ok_or_else(|| Error::invalid("Expected a multipart/form-data body.", None))?;
+    let boundary = multipart_boundary(content_type.as_bytes()).ok_or_else(|| {
+        Error::invalid("Expected a multipart/form-data body with a boundary.", None)
+    })?;
+    let length = declared_length(&req);
+    let mut body = req.into_body();
+
+    let mut head: Vec<Bytes> = Vec::new();
+    let mut seen = Vec::new();
+    let model = loop {
+        if let Some(model) = multipart_field(&seen, &boundary, b"model") {
+            break model;
+        }
+        match body.frame().await {
+            None => {
+                return Err(Error::invalid(
+                    "Missing required parameter: 'model'.",
+                    Some("model".into()),
+                ));
+            }
+            Some(Err(_)) => {
+                return Err(Error::invalid("The request body could not be read.", None));
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if seen.len() + data.len() > limit {
+                        return Err(Error::BodyTooLarge { limit });
+                    }
+                    seen.extend_from_slice(&data);
+                    head.push(data);
+                }
+            }
+        }
+    };
+    let model = String::from_utf8(model)
+        .map_err(|_| Error::invalid("Invalid 'model': not UTF-8.", Some("model".into())))?;
+    let rest = Limited::new(body, limit.saturating_sub(seen.len()));
+    let frames = futures_util::stream::iter(head.into_iter().map(|b| Ok(Frame::data(b))))
+        .chain(BodyStream::new(rest));
+    Ok(Upload {
+        model: model.trim().to_string(),
+        content_type,
+        length,
+        body: StreamBody::new(frames).boxed_unsync(),
+    })
+}
+
+fn multipart_boundary(content_type: &[u8]) -> Option<Vec<u8>> {
+    let ct = std::str::from_utf8(content_type).ok()?;
+    let mut parts = ct.split(';');
+    if !parts
+        .next()?
+        .trim()
+        .eq_ignore_ascii_case("multipart/form-data")
+    {
+        return None;
+    }
+    parts.find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').as_bytes().to_vec())
+            .filter(|b| !b.is_empty())
+    })
+}
+
+/// The value of form field `name` if it is complete in `buf`.
+fn multipart_field(buf: &[u8], boundary: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let mut needle = b"name=\"".to_vec();
+    needle.extend_from_slice(name);
+    needle.push(b'"');
+    let at = memchr::memmem::find(buf, &needle)?;
+    let after = &buf[at + needle.len()..];
+    let start = memchr::memmem::find(after, b"\r\n\r\n")? + 4;
+    let value = &after[start..];
+    let mut delim = b"\r\n--".to_vec();
+    delim.extend_from_slice(boundary);
+    let end = memchr::memmem::find(value, &delim)?;
+    Some(value[..end].to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_model_in_multipart_head() {
+        let ct = b"multipart/form-data; boundary=\"XyZ\"";
+        let b = multipart_boundary(ct).unwrap();
+        assert_eq!(b, b"XyZ");
+        let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF";
+        assert_eq!(multipart_field(body, &b, b"model").unwrap(), b"whisper-1");
+        assert!(multipart_field(&body[..60], &b, b"model").is_none());
+    }
+}

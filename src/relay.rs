@@ -1,0 +1,280 @@
+//! Relays a backend's answer to the client and meters it: JSON answers are read whole (they are
+//! small) and released after metering; SSE answers flow through [`SseScanner`] frame by frame,
+//! with `data: [DONE]` held until the usage event is recorded.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderValue, Response, header};
+use http_body::Body as _;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+
+use crate::backends::BackendResponse;
+use crate::body::{self, Body, BoxError};
+use crate::error::Error;
+use crate::metering::{Outcome, UsageEvent, UsageSink};
+use crate::openai::{Endpoint, Usage, usage_of_response};
+use crate::sse::SseScanner;
+
+/// Largest non-streamed upstream answer accepted.
+const MAX_JSON_ANSWER: usize = 64 << 20;
+
+/// Everything needed to write the usage event of one request.
+pub struct Meter {
+    pub sink: Arc<dyn UsageSink>,
+    pub request_id: String,
+    pub tenant: Arc<str>,
+    pub key_id: Arc<str>,
+    pub endpoint: Endpoint,
+    pub model_alias: Arc<str>,
+    pub upstream_model: String,
+    pub backend: String,
+    pub started: Instant,
+    pub streamed: bool,
+}
+
+impl Meter {
+    fn event(&self, usage: Option<Usage>, status: u16, outcome: Outcome) -> UsageEvent {
+        UsageEvent {
+            request_id: self.request_id.clone(),
+            tenant: self.tenant.clone(),
+            key_id: self.key_id.clone(),
+            endpoint: self.endpoint,
+            model_alias: self.model_alias.clone(),
+            upstream_model: self.upstream_model.clone(),
+            backend: self.backend.clone(),
+            usage,
+            status,
+            latency: self.started.elapsed(),
+            streamed: self.streamed,
+            outcome,
+            finished_at: SystemTime::now(),
+        }
+    }
+
+    pub async fn record(&self, usage: Option<Usage>, status: u16, outcome: Outcome) {
+        self.sink.record(self.event(usage, status, outcome)).await;
+    }
+
+    /// Records from a destructor: the request is gone, the event must not be.
+    fn record_detached(&self, usage: Option<Usage>, status: u16, outcome: Outcome) {
+        let fut = self.sink.record(self.event(usage, status, outcome));
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(fut);
+        }
+    }
+}
+
+/// Turns the backend's answer into the client's response. `strip_usage_chunk`: the client did
+/// not ask for `stream_options.include_usage`.
+pub async fn relay(
+    answer: BackendResponse,
+    meter: Meter,
+    strip_usage_chunk: bool,
+) -> Result<Response<Body>, Error> {
+    let is_sse = answer
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let status = answer.status;
+    let headers = answer.headers.clone();
+
+    let body = if is_sse && status.is_success() {
+        let relay = SseRelay {
+            upstream: answer.body,
+            scanner: SseScanner::new(strip_usage_chunk),
+            queue: VecDeque::new(),
+            idle: answer.idle_timeout,
+            phase: Phase::Streaming,
+            meter: Some(meter),
+            status: status.as_u16(),
+        };
+        let stream = futures_util::stream::unfold(relay, |mut r| async move {
+            r.next().await.map(|item| (item.map(Frame::data), r))
+        });
+        StreamBody::new(stream).boxed_unsync()
+    } else {
+        let bytes = read_answer(answer.body, answer.idle_timeout, &meter).await?;
+        let usage = if status.is_success() {
+            usage_of_response(&bytes)
+        } else {
+            None
+        };
+        meter
+            .record(usage, status.as_u16(), Outcome::Completed)
+            .await;
+        body::full(bytes)
+    };
+
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    if is_sse {
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    Ok(resp)
+}
+
+async fn read_answer(
+    mut body: Body,
+    idle: std::time::Duration,
+    meter: &Meter,
+) -> Result<Bytes, Error> {
+    let result = async {
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = tokio::time::timeout(idle, body.frame())
+                .await
+                .map_err(|_| Error::UpstreamTimeout {
+                    upstream: meter.backend.clone(),
+                    after_ms: idle.as_millis() as u64,
+                })?;
+            let frame = match frame {
+                None => return Ok(buf.freeze()),
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    return Err(Error::UpstreamProtocol {
+                        upstream: meter.backend.clone(),
+                        detail: format!("reading answer: {e}"),
+                    });
+                }
+            };
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > MAX_JSON_ANSWER {
+                    return Err(Error::UpstreamProtocol {
+                        upstream: meter.backend.clone(),
+                        detail: format!("answer larger than {MAX_JSON_ANSWER} bytes"),
+                    });
+                }
+                if buf.is_empty() && body.is_end_stream() {
+                    // The common case: one frame holds the whole answer; keep it uncopied.
+                    return Ok(data);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    .await;
+    if let Err(e) = &result {
+        meter
+            .record(None, e.status().as_u16(), Outcome::UpstreamFailed)
+            .await;
+    }
+    result
+}
+
+enum Phase {
+    Streaming,
+    /// `[DONE]` is out; reading the upstream to its end so its connection goes back to the pool.
+    Draining,
+    Finished,
+}
+
+struct SseRelay {
+    upstream: Body,
+    scanner: SseScanner,
+    queue: VecDeque<Bytes>,
+    idle: std::time::Duration,
+    phase: Phase,
+    /// Present until the usage event is recorded.
+    meter: Option<Meter>,
+    status: u16,
+}
+
+impl SseRelay {
+    async fn next(&mut self) -> Option<Result<Bytes, BoxError>> {
+        loop {
+            if let Some(b) = self.queue.pop_front() {
+                return Some(Ok(b));
+            }
+            match self.phase {
+                Phase::Finished => return None,
+                Phase::Draining => {
+                    match tokio::time::timeout(self.idle, self.upstream.frame()).await {
+                        Ok(Some(Ok(_))) => continue,
+                        _ => {
+                            self.phase = Phase::Finished;
+                            return None;
+                        }
+                    }
+                }
+                Phase::Streaming => {}
+            }
+            let frame = match tokio::time::timeout(self.idle, self.upstream.frame()).await {
+                Err(_) => {
+                    self.fail("upstream went silent mid-stream").await;
+                    continue;
+                }
+                Ok(None) => {
+                    self.fail("upstream closed the stream before [DONE]").await;
+                    continue;
+                }
+                Ok(Some(Err(e))) => {
+                    self.fail(&format!("upstream stream broke: {e}")).await;
+                    continue;
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers carry nothing for the client
+            };
+            let mut out = Vec::with_capacity(1);
+            if let Err(e) = self.scanner.feed(data, &mut out) {
+                self.fail(&e.to_string()).await;
+                continue;
+            }
+            self.queue.extend(out);
+            if self.scanner.is_done() {
+                if let Some(meter) = self.meter.take() {
+                    meter
+                        .record(self.scanner.usage(), self.status, Outcome::Completed)
+                        .await;
+                }
+                if let Some(done) = self.scanner.take_held() {
+                    self.queue.push_back(done);
+                }
+                self.phase = Phase::Draining;
+            }
+        }
+    }
+
+    /// Ends the client's stream with an OpenAI-shaped error event; never splices another answer.
+    async fn fail(&mut self, detail: &str) {
+        let backend = self
+            .meter
+            .as_ref()
+            .map(|m| m.backend.clone())
+            .unwrap_or_default();
+        let error = Error::UpstreamProtocol {
+            upstream: backend,
+            detail: detail.to_string(),
+        };
+        tracing::warn!(error = %error, "stream ended abnormally");
+        if let Some(meter) = self.meter.take() {
+            meter
+                .record(self.scanner.usage(), 502, Outcome::UpstreamFailed)
+                .await;
+        }
+        let payload = error.body_bytes();
+        let mut ev = BytesMut::with_capacity(payload.len() + 8);
+        ev.put_slice(b"data: ");
+        ev.put_slice(&payload);
+        ev.put_slice(b"\n\n");
+        self.queue.push_back(ev.freeze());
+        self.phase = Phase::Finished;
+    }
+}
+
+impl Drop for SseRelay {
+    fn drop(&mut self) {
+        // Dropped before the usage event: the client disconnected. Dropping `upstream` here
+        // closes the upstream connection, which cancels the generation there.
+        if let Some(meter) = self.meter.take() {
+            meter.record_detached(self.scanner.usage(), 499, Outcome::ClientAborted);
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Server-sent events from a remote, moved as `Bytes`: finds event boundaries, the usage chunk and
+//! `data: [DONE]` by scanning, without parsing ordinary events. Frames that hold only whole events
+//! leave as the very `Bytes` they arrived in; only an event split across frames is copied once.
+
+use bytes::{Bytes, BytesMut};
+use memchr::memmem;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use crate::openai::Usage;
+
+/// An event larger than this (no blank line in sight) means the upstream is not speaking SSE.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SseError {
+    #[error("upstream SSE event exceeds {0} bytes")]
+    EventTooLarge(usize),
+}
+
+#[derive(Debug)]
+pub struct SseScanner {
+    /// Start of an event whose end has not arrived yet.
+    pending: BytesMut,
+    /// Where the current line starts inside `pending`.
+    pending_line_start: usize,
+    strip_usage_chunk: bool,
+    max_event: usize,
+    usage: Option<Usage>,
+    done: bool,
+    /// `data: [DONE]` and whatever followed it in its frame, released only after metering.
+    held: Option<Bytes>,
+    events: u64,
+}
+
+/// What one complete event is, as far as the gateway cares.
+enum EventKind {
+    Plain,
+    UsageOnly,
+    Done,
+}
+
+// === impl SseScanner ===
+
+impl SseScanner {
+    /// `strip_usage_chunk`: drop the `choices: []` usage chunk (the client did not ask for it).
+    pub fn new(strip_usage_chunk: bool) -> Self {
+        SseScanner {
+            pending: BytesMut::new(),
+            pending_line_start: 0,
+            strip_usage_chunk,
+            max_event: DEFAULT_MAX_EVENT_BYTES,
+            usage: None,
+            done: false,
+            held: None,
+            events: 0,
+        }
+    }
+
+    pub fn with_max_event(mut self, max: usize) -> Self {
+        self.max_event = max;
+        self
+    }
+
+    /// The upstream's usage, once its usage chunk has been seen.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Whether `data: [DONE]` has been seen.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Number of complete events seen (the `[DONE]` event included).
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// The `[DONE]` event (and anything after it in its frame), held back until the caller has
+    /// metered the request.
+    pub fn take_held(&mut self) -> Option<Bytes> {
+        self.held.take()
+    }
+
+    /// Bytes of an unterminated event left when the upstream closed.
+    pub fn unterminated(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Scans one upstream frame and pushes what may be released now onto `out`.
+    pub fn feed(&mut self, frame: Bytes, out: &mut Vec<Bytes>) -> Result<(), SseError> {
+        if self.done {
+            // Nothing valid follows `[DONE]`; keep it away from the client.
+            return Ok(());
+        }
+        let (data, mut line_start) = if self.pending.is_empty() {
+            (frame, 0)
+        } else {
+            let line_start = self.pending_line_start;
+            self.pending.extend_from_slice(&frame);
+            (self.pending.split().freeze(), line_start)
+        };
+
+        let mut event_start = 0;
+        // Start of the run of events that will leave as one slice.
+        let mut run_start = 0;
+        let scan_from = line_start;
+        for nl in memchr::memchr_iter(b'\n', &data[scan_from..]).map(|i| i + scan_from) {
+            let line = &data[line_start..nl];
+            let blank = line.is_empty() || line == b"\r";
+            line_start = nl + 1;
+            if !blank {
+                continue;
+            }
+            if nl == event_start || (nl == event_start + 1 && data[event_start] == b'\r') {
+                // Blank line with no event before it: belongs to the run, nothing to inspect.
+                event_start = line_start;
+                continue;
+            }
+            let event = &data[event_start..line_start];
+            self.events += 1;
+            match self.classify(event) {
+                EventKind::Plain => {}
+                EventKind::UsageOnly if self.strip_usage_chunk => {
+                    if event_start > run_start {
+                        out.push(data.slice(run_start..event_start));
+                    }
+                    run_start = line_start;
+                }
+                EventKind::UsageOnly => {}
+                EventKind::Done => {
+                    if event_start > run_start {
+                        out.push(data.slice(run_start..event_start));
+                    }
+                    self.done = true;
+                    self.held = Some(data.slice(event_start..));
+                    return Ok(());
+                }
+            }
+            event_start = line_start;
+        }
+
+        if event_start > run_start {
+            out.push(data.slice(run_start..event_start));
+        }
+        if event_start < data.len() {
+            let rest = data.len() - event_start;
+            if rest > self.max_event {
+                return Err(SseError::EventTooLarge(self.max_event));
+            }
+            self.pending.extend_from_slice(&data[event_start..]);
+            self.pending_line_start = line_start - event_start;
+        } else {
+            self.pending_line_start = 0;
+        }
+        Ok(())
+    }
+
+    fn classify(&mut self, event: &[u8]) -> EventKind {
+        let payload = data_payload(event);
+        if payload.trim_ascii() == b"[DONE]" {
+            return EventKind::Done;
+        }
+        if !has_usage_object(payload) {
+            return EventKind::Plain;
+        }
+        #[derive(Deserialize)]
+        struct Chunk {
+            choices: Option<Vec<IgnoredAny>>,
+            usage: Option<Usage>,
+        }
+        match serde_json::from_slice::<Chunk>(payload) {
+            Ok(chunk) => {
+                if chunk.usage.is_some() {
+                    self.usage = chunk.usage;
+                }
+                match chunk.choices {
+                    Some(c) if c.is_empty() => EventKind::UsageOnly,
+                    _ => EventKind::Plain,
+                }
+            }
+            Err(_) => EventKind::Plain,
+        }
+    }
+}
+
+/// The `data:` field of an event (the first one; OpenAI-compatible servers send one per event).
+fn data_payload(event: &[u8]) -> &[u8] {
+    let mut rest = event;
+    loop {
+        let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+        let line = &rest[..end];
+        if let Some(v) = line.strip_prefix(b"data:") {
+            let v = v.strip_prefix(b" ").unwrap_or(v);
+            return v.strip_suffix(b"\r").unwrap_or(v);
+        }
+        if end >= rest.len() {
+            return b"";
+        }
+        rest = &rest[end + 1..];
+    }
+}
+
+/// True when the payload has `"usage"` followed by an object (not `null`).
+fn has_usage_object(payload: &[u8]) -> bool {
+    let finder = memmem::Finder::new(b"\"usage\"");
+    let mut from = 0;
+    while let Some(i) = finder.find(&payload[from..]) {
+        let after = &payload[from + i + 7..];
+        let after = after.trim_ascii_start();
+        if let Some(after) = after.strip_prefix(b":")
+            && after.trim_ascii_start().first() == Some(&b'{')
+        {
+            return true;
+        }
+        from += i + 7;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C1: &str =
+        "data: {\"id\":\"x\",\"choices\":[{\"delta\":{\"content\":\"he\"}}],\"usage\":null}\n\n";
+    const C2: &str = "data: {\"id\":\"x\",\"choices\":[{\"delta\":{\"content\":\"llo\"}}]}\n\n";
+    const U: &str = "data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n";
+    const D: &str = "data: [DONE]\n\n";
+
+    fn run(frames: &[&[u8]], strip: bool) -> (Vec<u8>, Vec<Bytes>, SseScanner) {
+        let mut sc = SseScanner::new(strip);
+        let mut out = Vec::new();
+        for f in frames {
+            sc.feed(Bytes::copy_from_slice(f), &mut out).unwrap();
+        }
+        let mut all: Vec<u8> = out.iter().flat_map(|b| b.iter().copied()).collect();
+        if let Some(h) = sc.take_held() {
+            all.extend_from_slice(&h);
+        }
+        (all, out, sc)
+    }
+
+    #[test]
+    fn whole_frames_leave_untouched() {
+        let f = Bytes::from(format!("{C1}{C2}"));
+        let mut sc = SseScanner::new(true);
+        let mut out = Vec::new();
+        sc.feed(f.clone(), &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        // Same allocation: a refcount clone, not a copy.
+        assert_eq!(out[0].as_ptr(), f.as_ptr());
+    }
+
+    #[test]
+    fn strips_usage_chunk_and_holds_done() {
+        let all = format!("{C1}{C2}{U}{D}");
+        let (bytes, _, sc) = run(&[all.as_bytes()], true);
+        assert_eq!(String::from_utf8(bytes).unwrap(), format!("{C1}{C2}{D}"));
+        assert_eq!(sc.usage().unwrap().total_tokens, 5);
+        assert!(sc.is_done());
+    }
+
+    #[test]
+    fn keeps_usage_chunk_when_asked() {
+        let all = format!("{C1}{U}{D}");
+        let (bytes, _, sc) = run(&[all.as_bytes()], false);
+        assert_eq!(String::from_utf8(bytes).unwrap(), all);
+        assert_eq!(sc.usage().unwrap().prompt_tokens, 3);
+    }
+
+    #[test]
+    fn every_split_point_gives_the_same_result() {
+        let all = format!("{C1}{C2}{U}{D}");
+        let b = all.as_bytes();
+        for i in 0..b.len() {
+            for j in i..b.len() {
+                let (bytes, _, sc) = run(&[&b[..i], &b[i..j], &b[j..]], true);
+                assert_eq!(String::from_utf8(bytes).unwrap(), format!("{C1}{C2}{D}"));
+                assert_eq!(sc.usage().unwrap().completion_tokens, 2);
+            }
+        }
+    }
+
+    #[test]
+    fn crlf_events() {
+        let all =
+            "data: {\"choices\":[],\"usage\":{\"total_tokens\":9}}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let (bytes, _, sc) = run(&[all.as_bytes()], true);
+        assert_eq!(bytes, b"data: [DONE]\r\n\r\n");
+        assert_eq!(sc.usage().unwrap().total_tokens, 9);
+    }
+
+    #[test]
+    fn oversized_event_is_an_error() {
+        let mut sc = SseScanner::new(true).with_max_event(16);
+        let mut out = Vec::new();
+        let r = sc.feed(Bytes::from_static(b"data: 0123456789abcdefghij"), &mut out);
+        assert_eq!(r, Err(SseError::EventTooLarge(16)));
+    }
+}
