@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use fuke::app::App;
 use fuke::backends::remote::ClientPool;
 use fuke::config::{Config, LogFormat};
-use fuke::metering::MetricsSink;
+use fuke::metering::LogSink;
 use fuke::policy::PolicyStore;
 use fuke::server::{self, Transport};
 use fuke::telemetry::{self, Metrics, ResultLabels};
@@ -145,7 +145,7 @@ async fn serve_async(config: Config) -> anyhow::Result<()> {
     let policy = Arc::new(
         PolicyStore::open(&config.policies_dir, clients).map_err(|p| anyhow::anyhow!("{p}"))?,
     );
-    let sink = Arc::new(MetricsSink::new(metrics.clone()));
+    let sink = Arc::new(LogSink);
     let app = App::new(
         policy.clone(),
         sink,

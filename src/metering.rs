@@ -1,12 +1,11 @@
 //! Usage events: one per finished model request, handed to a [`UsageSink`]. The default sink
-//! feeds `/metrics` and a log line; the durable ledger implements the same trait.
+//! writes a log line; the durable ledger implements the same trait.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::backends::BoxFuture;
 use crate::openai::{Endpoint, Usage};
-use crate::telemetry::{Metrics, TokenLabels};
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,38 +52,14 @@ pub trait UsageSink: Send + Sync {
     fn record(&self, event: UsageEvent) -> BoxFuture<'static, ()>;
 }
 
-/// The default sink: Prometheus counters and one structured log line per request.
-pub struct MetricsSink {
-    metrics: Arc<Metrics>,
-}
+/// The default sink: one structured log line per request (the counters are fed for every
+/// sink, by [`Metrics::record_usage`]).
+#[derive(Default)]
+pub struct LogSink;
 
-impl MetricsSink {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        MetricsSink { metrics }
-    }
-}
-
-impl UsageSink for MetricsSink {
+impl UsageSink for LogSink {
     fn record(&self, ev: UsageEvent) -> BoxFuture<'static, ()> {
         let usage = ev.usage.unwrap_or_default();
-        if ev.usage.is_none() && ev.status < 400 {
-            self.metrics.usage_missing.inc();
-        }
-        for (kind, n) in [
-            ("prompt", usage.prompt_tokens),
-            ("completion", usage.completion_tokens),
-        ] {
-            if n > 0 {
-                self.metrics
-                    .tokens
-                    .get_or_create(&TokenLabels {
-                        tenant: ev.tenant.to_string(),
-                        model: ev.model_alias.to_string(),
-                        kind,
-                    })
-                    .inc_by(n);
-            }
-        }
         tracing::info!(
             target: "fuke::usage",
             request_id = %ev.request_id,

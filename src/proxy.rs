@@ -144,6 +144,7 @@ async fn model_call_inner(
 
     let meter = Meter {
         sink: app.sink.clone(),
+        metrics: app.metrics.clone(),
         request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
         tenant: principal.tenant.clone(),
         key_id: principal.key_id.clone(),

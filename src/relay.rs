@@ -18,6 +18,7 @@ use crate::error::Error;
 use crate::metering::{Outcome, UsageEvent, UsageSink};
 use crate::openai::{Endpoint, Usage, usage_of_response};
 use crate::sse::SseScanner;
+use crate::telemetry::Metrics;
 
 /// Largest non-streamed upstream answer accepted.
 const MAX_JSON_ANSWER: usize = 64 << 20;
@@ -25,6 +26,7 @@ const MAX_JSON_ANSWER: usize = 64 << 20;
 /// Everything needed to write the usage event of one request.
 pub struct Meter {
     pub sink: Arc<dyn UsageSink>,
+    pub metrics: Arc<Metrics>,
     pub request_id: String,
     pub tenant: Arc<str>,
     pub key_id: Arc<str>,
@@ -56,12 +58,16 @@ impl Meter {
     }
 
     pub async fn record(&self, usage: Option<Usage>, status: u16, outcome: Outcome) {
-        self.sink.record(self.event(usage, status, outcome)).await;
+        let event = self.event(usage, status, outcome);
+        self.metrics.record_usage(&event);
+        self.sink.record(event).await;
     }
 
     /// Records from a destructor: the request is gone, the event must not be.
     fn record_detached(&self, usage: Option<Usage>, status: u16, outcome: Outcome) {
-        let fut = self.sink.record(self.event(usage, status, outcome));
+        let event = self.event(usage, status, outcome);
+        self.metrics.record_usage(&event);
+        let fut = self.sink.record(event);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(fut);
         }

@@ -9,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::metering::UsageEvent;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub tenant: String,
@@ -137,6 +139,30 @@ impl Metrics {
             policy_version,
             tls_reloads,
             in_flight,
+        }
+    }
+
+    /// Token counters from one usage event (whatever sink stores the event).
+    pub fn record_usage(&self, ev: &UsageEvent) {
+        let Some(usage) = ev.usage else {
+            if ev.status < 400 {
+                self.usage_missing.inc();
+            }
+            return;
+        };
+        for (kind, n) in [
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+        ] {
+            if n > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        tenant: ev.tenant.to_string(),
+                        model: ev.model_alias.to_string(),
+                        kind,
+                    })
+                    .inc_by(n);
+            }
         }
     }
 

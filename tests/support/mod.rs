@@ -1,0 +1,279 @@
+//! Test harness: the gateway in-process on 127.0.0.1:0 with a real policy directory, a real
+//! upstream (`upstream.rs`), and a sink that keeps usage events for assertions.
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fuke::app::{App, Settings};
+use fuke::backends::BoxFuture;
+use fuke::backends::remote::ClientPool;
+use fuke::metering::{UsageEvent, UsageSink};
+use fuke::policy::PolicyStore;
+use fuke::server::{self, Transport};
+use fuke::telemetry::Metrics;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::Notify;
+
+pub use upstream::Upstream;
+
+/// Keeps every usage event; the assertion side of metering.
+#[derive(Default)]
+pub struct CollectingSink {
+    pub events: Mutex<Vec<UsageEvent>>,
+    pub notify: Notify,
+}
+
+impl UsageSink for CollectingSink {
+    fn record(&self, event: UsageEvent) -> BoxFuture<'static, ()> {
+        self.events.lock().unwrap().push(event);
+        self.notify.notify_waiters();
+        Box::pin(async {})
+    }
+}
+
+impl CollectingSink {
+    pub async fn wait_for(&self, request_id: &str) -> UsageEvent {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let notified = self.notify.notified();
+            if let Some(e) = self
+                .events
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|e| e.request_id == request_id)
+            {
+                return e.clone();
+            }
+            tokio::time::timeout_at(deadline, notified)
+                .await
+                .expect("usage event never recorded");
+        }
+    }
+}
+
+pub const KEY_ACME: &str = "fk-test-acme-0001";
+pub const KEY_GLOBEX: &str = "fk-test-globex-0002";
+pub const KEY_LIMITED: &str = "fk-test-limited-0003";
+
+pub fn hash(key: &str) -> String {
+    hex::encode(fuke::policy::sha256(key.as_bytes()))
+}
+
+/// A policy with one upstream and aliases for every behaviour of the test upstream.
+pub fn policy_yaml(base_url: &str) -> String {
+    format!(
+        r#"upstreams:
+  test:
+    base_url: {base_url}
+    first_byte_timeout_ms: 1500
+    idle_timeout_ms: 3000
+models:
+  gpt-test: {{ upstream: test, model: echo-model }}
+  slow: {{ upstream: test }}
+  hang: {{ upstream: test }}
+  drop: {{ upstream: test }}
+  no-usage: {{ upstream: test }}
+  fail-400: {{ upstream: test }}
+  fail-500: {{ upstream: test }}
+  fail-429: {{ upstream: test }}
+  secret-model: {{ upstream: test }}
+  whisper-1: {{ upstream: test }}
+tenants:
+  acme:
+    models: [gpt-test, slow, hang, drop, no-usage, fail-400, fail-500, fail-429, whisper-1]
+    keys:
+      - {{ id: acme-key, sha256: {acme} }}
+  globex:
+    models: [secret-model]
+    keys:
+      - {{ id: globex-key, sha256: {globex} }}
+  limited:
+    models: [gpt-test]
+    limits: {{ requests_per_minute: 2 }}
+    keys:
+      - {{ id: limited-key, sha256: {limited} }}
+"#,
+        acme = hash(KEY_ACME),
+        globex = hash(KEY_GLOBEX),
+        limited = hash(KEY_LIMITED),
+    )
+}
+
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    pub sink: Arc<CollectingSink>,
+    pub dir: tempfile::TempDir,
+    pub policy_dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+pub struct Options {
+    pub transport: Transport,
+    pub settings: Settings,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            transport: Transport::Plain,
+            settings: Settings::default(),
+        }
+    }
+}
+
+impl Gateway {
+    pub async fn start(policy: &str) -> Gateway {
+        Self::start_with(policy, Options::default()).await
+    }
+
+    pub async fn start_with(policy: &str, opts: Options) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let policy_dir = dir.path().join("policies");
+        std::fs::create_dir_all(&policy_dir).unwrap();
+        std::fs::write(policy_dir.join("main.yaml"), policy).unwrap();
+        let store = PolicyStore::open(&policy_dir, Arc::new(ClientPool::default()))
+            .unwrap_or_else(|p| panic!("test policy invalid:\n{p}"));
+        let metrics = Arc::new(Metrics::new());
+        let sink = Arc::new(CollectingSink::default());
+        let app = App::new(Arc::new(store), sink.clone(), metrics, opts.settings);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(
+            listener,
+            opts.transport,
+            app.clone(),
+            async {
+                let _ = rx.await;
+            },
+            Duration::from_secs(10),
+        ));
+        Gateway {
+            addr,
+            app,
+            sink,
+            dir,
+            policy_dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Begins graceful shutdown; returns the server task to await.
+    pub fn shutdown(&mut self) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().unwrap()
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts an OpenAI error body and returns its `error` object.
+    pub fn openai_error(&self) -> serde_json::Value {
+        let v = self.json();
+        let e = v["error"].clone();
+        assert!(e["message"].is_string(), "no error.message in {v}");
+        assert!(e["type"].is_string(), "no error.type in {v}");
+        assert!(
+            e.get("param").is_some() && e.get("code").is_some(),
+            "param/code missing in {v}"
+        );
+        e
+    }
+}
+
+pub async fn send(
+    client: &TestClient,
+    method: Method,
+    url: &str,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let mut b = Request::builder().method(method).uri(url);
+    if let Some(k) = key {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = client
+        .request(b.body(Full::new(body.into())).unwrap())
+        .await
+        .expect("gateway unreachable");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn post(client: &TestClient, url: &str, key: &str, body: &str) -> Reply {
+    send(
+        client,
+        Method::POST,
+        url,
+        Some(key),
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
+    .await
+}
+
+/// Polls `check` until it is true (or fails after 10 s): waiting for effects, never sleeping
+/// a fixed time.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,310 @@
+//! An OpenAI-protocol server for tests and the demo: answers chat, completions, embeddings and
+//! transcriptions deterministically, and misbehaves on request. The upstream model name picks
+//! the behaviour:
+//! - anything else: echo the last user message (JSON, or SSE one word per frame)
+//! - `slow`: SSE, one word every 20 ms for 500 words (client-disconnect tests)
+//! - `hang`: never answers
+//! - `drop`: SSE, two chunks, then the connection is cut
+//! - `no-usage`: SSE without a usage chunk even when asked
+//! - `fail-400`, `fail-500`, `fail-429`: OpenAI-shaped errors with those statuses
+//!
+//! It records every request body it receives, counts streams cut short by the client, and can
+//! serve over TLS.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+pub struct UpstreamState {
+    pub received: Mutex<Vec<Received>>,
+    /// Streams whose reader went away before the end.
+    pub cancelled: AtomicUsize,
+    pub cancel_notify: Notify,
+    /// Exact bytes of the last streamed answer, as sent.
+    pub last_stream: Mutex<Vec<u8>>,
+    /// Exact bytes of the last JSON answer, as sent.
+    pub last_json: Mutex<Bytes>,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub state: Arc<UpstreamState>,
+}
+
+impl Upstream {
+    /// Starts on 127.0.0.1 (port 0 = any free port).
+    pub async fn start() -> Upstream {
+        Self::start_on("127.0.0.1:0", None).await
+    }
+
+    pub async fn start_on(addr: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Upstream {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(UpstreamState::default());
+        let st = state.clone();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let st = st.clone();
+                        async move { Ok::<_, Infallible>(handle(st, req).await) }
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Upstream { addr, state }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    pub fn last_received(&self) -> Received {
+        self.received().pop().expect("upstream received nothing")
+    }
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+    r
+}
+
+fn error(status: StatusCode, code: &str) -> Response<Body> {
+    let body = json!({"error": {"message": format!("upstream refused: {code}"), "type": "invalid_request_error", "param": "temperature", "code": code}});
+    let mut r = full(status, "application/json", body.to_string());
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, "7".parse().unwrap());
+    }
+    r
+}
+
+fn words(s: &str) -> u64 {
+    s.split_whitespace().count() as u64
+}
+
+async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let headers = req.headers().clone();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::BAD_REQUEST, "unreadable"),
+    };
+    st.received.lock().unwrap().push(Received {
+        path: path.clone(),
+        headers: headers.clone(),
+        body: body.clone(),
+    });
+
+    if path == "/v1/audio/transcriptions" {
+        use sha2::Digest;
+        let text = format!(
+            "{} bytes sha256 {}",
+            body.len(),
+            hex::encode(sha2::Sha256::digest(&body))
+        );
+        return full(
+            StatusCode::OK,
+            "application/json",
+            json!({ "text": text }).to_string(),
+        );
+    }
+
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "invalid_json");
+    };
+    let model = v["model"].as_str().unwrap_or("").to_string();
+    match model.as_str() {
+        "hang" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "late");
+        }
+        "fail-400" => return error(StatusCode::BAD_REQUEST, "bad_temperature"),
+        "fail-500" => return error(StatusCode::INTERNAL_SERVER_ERROR, "boom"),
+        "fail-429" => return error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded"),
+        _ => {}
+    }
+
+    match path.as_str() {
+        "/v1/embeddings" => {
+            let inputs = match &v["input"] {
+                Value::Array(a) => a.len(),
+                _ => 1,
+            };
+            let data: Vec<Value> = (0..inputs)
+                .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.25, -0.5, i as f64]}))
+                .collect();
+            let tokens: u64 = match &v["input"] {
+                Value::Array(a) => a.iter().filter_map(Value::as_str).map(words).sum(),
+                other => words(other.as_str().unwrap_or("")),
+            };
+            let body = json!({"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
+            return full(StatusCode::OK, "application/json", body.to_string());
+        }
+        "/v1/chat/completions" | "/v1/completions" => {}
+        _ => return error(StatusCode::NOT_FOUND, "unknown_path"),
+    }
+
+    let chat = path == "/v1/chat/completions";
+    let prompt = if chat {
+        v["messages"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|m| m["content"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    } else {
+        v["prompt"].as_str().unwrap_or("").to_string()
+    };
+    let last = if chat {
+        v["messages"]
+            .as_array()
+            .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or("")
+            .to_string()
+    } else {
+        prompt.clone()
+    };
+    let mut answer = format!("echo: {last}");
+    if model == "slow" {
+        answer = vec!["tick"; 500].join(" ");
+    }
+    let usage = json!({"prompt_tokens": words(&prompt), "completion_tokens": words(&answer),
+        "total_tokens": words(&prompt) + words(&answer)});
+
+    if v["stream"] != Value::Bool(true) {
+        let body = if chat {
+            json!({"id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+                "usage": usage})
+        } else {
+            json!({"id": "cmpl-test", "object": "text_completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "text": answer, "finish_reason": "stop"}], "usage": usage})
+        };
+        let bytes = Bytes::from(body.to_string());
+        *st.last_json.lock().unwrap() = bytes.clone();
+        return full(StatusCode::OK, "application/json", bytes);
+    }
+
+    let include_usage =
+        v["stream_options"]["include_usage"] == Value::Bool(true) && model != "no-usage";
+    let usage_null = if include_usage { ",\"usage\":null" } else { "" };
+    let mut events: Vec<String> = Vec::new();
+    for (i, w) in answer.split(' ').enumerate() {
+        let piece = if i == 0 {
+            w.to_string()
+        } else {
+            format!(" {w}")
+        };
+        let piece = serde_json::to_string(&piece).unwrap();
+        let ev = if chat {
+            format!(
+                "data: {{\"id\":\"chatcmpl-test\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{piece}}},\"finish_reason\":null}}]{usage_null}}}\n\n"
+            )
+        } else {
+            format!(
+                "data: {{\"id\":\"cmpl-test\",\"object\":\"text_completion\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"text\":{piece},\"finish_reason\":null}}]{usage_null}}}\n\n"
+            )
+        };
+        events.push(ev);
+    }
+    if include_usage {
+        events.push(format!("data: {{\"id\":\"chatcmpl-test\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[],\"usage\":{usage}}}\n\n"));
+    }
+    events.push("data: [DONE]\n\n".to_string());
+
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    let delay = if model == "slow" {
+        Duration::from_millis(20)
+    } else {
+        Duration::ZERO
+    };
+    let drop_after = if model == "drop" { Some(2) } else { None };
+    let st2 = st.clone();
+    tokio::spawn(async move {
+        let mut sent = Vec::new();
+        for (i, ev) in events.into_iter().enumerate() {
+            if drop_after == Some(i) {
+                // Let what was sent reach the wire, then die like a crashed server.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tx.send(Err(std::io::Error::other("cut"))).await;
+                *st2.last_stream.lock().unwrap() = sent;
+                return;
+            }
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            sent.extend_from_slice(ev.as_bytes());
+            if tx.send(Ok(Frame::data(Bytes::from(ev)))).await.is_err() {
+                st2.cancelled.fetch_add(1, Ordering::SeqCst);
+                st2.cancel_notify.notify_waiters();
+                return;
+            }
+        }
+        *st2.last_stream.lock().unwrap() = sent;
+        // The stream is complete; wait until the reader is gone to tell a cancel from a finish.
+        tx.closed().await;
+    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, "text/event-stream".parse().unwrap());
+    r
+}
