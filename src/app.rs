@@ -77,6 +77,10 @@ impl App {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
 
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
     /// Re-reads the policy directory; what the watcher calls.
     pub fn reload_policy(&self) {
         let result = match self.policy.reload() {
@@ -179,7 +183,7 @@ async fn dispatch(
     match (&method, path.as_str()) {
         (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok\n")),
         (&Method::GET, "/readyz") => {
-            return if app.shutting_down.load(Ordering::SeqCst) {
+            return if app.is_shutting_down() {
                 Err(Error::ShuttingDown)
             } else {
                 Ok(text(

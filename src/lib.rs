@@ -14,23 +14,23 @@
 //! ```
 //!
 //! Modules:
-//! - [`server`]: accept loop, TLS, HTTP/1.1 + h2, graceful shutdown.
-//! - [`app`]: the service and its stage order; health, readiness, metrics routes.
-//! - [`proxy`]: model endpoints and `/v1/models`.
-//! - [`relay`]: answer relaying and metering of JSON and SSE.
-//! - [`sse`]: the zero-copy SSE scanner.
-//! - [`openai`]: wire types (requests kept as raw JSON fields).
-//! - [`error`]: the one error type and its OpenAI-shaped response.
-//! - [`auth`]: API keys to principals.
-//! - [`policy`]: policy files, validation, hot reload.
-//! - [`config`]: `fuke.yaml`.
-//! - [`backends`]: the backend trait and the remote backend.
-//! - [`limits`]: in-process rate limits.
-//! - [`metering`]: usage events and sinks.
-//! - [`telemetry`]: logging and Prometheus metrics.
-//! - [`tls`]: rustls server configs with certificate hot reload.
-//! - [`reload`]: file watching for hot reload.
-//! - [`devcerts`]: development certificates.
+//! - [`server`] — accept loop, TLS, HTTP/1.1 + h2, graceful shutdown.
+//! - [`app`] — the service and its stage order; health, readiness, metrics routes.
+//! - [`proxy`] — model endpoints and `/v1/models`.
+//! - [`relay`] — answer relaying and metering of JSON and SSE.
+//! - [`sse`] — the zero-copy SSE scanner.
+//! - [`openai`] — wire types (requests kept as raw JSON fields).
+//! - [`error`] — the one error type and its OpenAI-shaped response.
+//! - [`auth`] — API keys to principals.
+//! - [`policy`] — policy files, validation, hot reload.
+//! - [`config`] — `fuke.yaml`.
+//! - [`backends`] — the backend trait and the remote backend.
+//! - [`limits`] — in-process rate limits.
+//! - [`metering`] — usage events and sinks.
+//! - [`telemetry`] — logging and Prometheus metrics.
+//! - [`tls`] — rustls server configs with certificate hot reload.
+//! - [`reload`] — file watching for hot reload.
+//! - [`devcerts`] — development certificates.
 
 pub mod app;
 pub mod auth;

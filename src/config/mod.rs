@@ -84,23 +84,15 @@ impl Config {
                 message: format!("cannot read: {e}"),
             }])
         })?;
-        let de = serde_yaml::Deserializer::from_str(&text);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            let msg = inner.to_string();
-            let msg = msg
-                .split(" at line ")
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            Problems(vec![Problem {
-                file: path.to_path_buf(),
-                line: inner.location().map(|l| l.line()),
-                path: if key == "." { String::new() } else { key },
-                message: msg,
-            }])
-        })?;
+        let raw: RawConfig =
+            crate::policy::load::deserialize_yaml(&text).map_err(|(line, key, message)| {
+                Problems(vec![Problem {
+                    file: path.to_path_buf(),
+                    line,
+                    path: key,
+                    message,
+                }])
+            })?;
         let lines = LineIndex::build(&text);
         let base = path.parent().unwrap_or(Path::new("."));
         let mut problems = Vec::new();

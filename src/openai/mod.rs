@@ -114,7 +114,7 @@ impl JsonRequest {
         }
 
         match endpoint {
-            Endpoint::ChatCompletions => validate_messages(fields.get("messages"))?,
+            Endpoint::ChatCompletions => validate_messages(fields.get("messages").map(|b| &**b))?,
             Endpoint::Completions => {
                 if !fields.contains_key("prompt") {
                     return Err(missing("prompt"));
@@ -214,7 +214,7 @@ fn forced_stream_options(raw: &RawValue) -> Vec<u8> {
     serde_json::to_vec(&map).unwrap_or_else(|_| br#"{"include_usage":true}"#.to_vec())
 }
 
-fn validate_messages(raw: Option<&Box<RawValue>>) -> Result<(), Error> {
+fn validate_messages(raw: Option<&RawValue>) -> Result<(), Error> {
     let raw = raw.ok_or_else(|| missing("messages"))?;
     let messages: Vec<&RawValue> =
         serde_json::from_str(raw.get()).map_err(|_| type_error("messages", "an array"))?;

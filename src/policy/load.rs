@@ -154,19 +154,28 @@ fn parse(text: &str) -> Result<RawPolicyFile, (Option<usize>, String, String)> {
     if text.trim().is_empty() {
         return Ok(RawPolicyFile::default());
     }
+    deserialize_yaml(text)
+}
+
+/// Strict YAML deserialization; on error: line, key path and a message without either.
+pub(crate) fn deserialize_yaml<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, (Option<usize>, String, String)> {
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
         let inner = e.into_inner();
         let line = inner.location().map(|l| l.line());
-        // serde_yaml appends "at line N column M"; the line is already in front.
+        // serde_yaml writes "<path>: <message> at line N column M"; both ends are reported
+        // separately already.
         let msg = inner.to_string();
-        let msg = match msg.find(" at line ") {
-            Some(i) => msg[..i].to_string(),
-            None => msg,
+        let msg = msg.split(" at line ").next().unwrap_or_default();
+        let msg = match msg.split_once(": ") {
+            Some((head, rest)) if !head.contains(' ') => rest,
+            _ => msg,
         };
-        (line, path, msg)
+        (line, path, msg.to_string())
     })
 }
 

@@ -2,7 +2,7 @@
 //! validated as a whole into an indexed [`Policy`], and hot-swapped as a whole (see `watch`).
 
 pub(crate) mod lines;
-mod load;
+pub(crate) mod load;
 pub mod raw;
 pub mod store;
 

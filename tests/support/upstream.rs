@@ -2,7 +2,7 @@
 //! transcriptions deterministically, and misbehaves on request. The upstream model name picks
 //! the behaviour:
 //! - anything else: echo the last user message (JSON, or SSE one word per frame)
-//! - `slow`: SSE, one word every 20 ms for 500 words (client-disconnect tests)
+//! - `slow`: SSE, one word every 20 ms for 150 words (client-disconnect tests)
 //! - `hang`: never answers
 //! - `drop`: SSE, two chunks, then the connection is cut
 //! - `no-usage`: SSE without a usage chunk even when asked
@@ -223,7 +223,7 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body
     };
     let mut answer = format!("echo: {last}");
     if model == "slow" {
-        answer = vec!["tick"; 500].join(" ");
+        answer = vec!["tick"; 150].join(" ");
     }
     let usage = json!({"prompt_tokens": words(&prompt), "completion_tokens": words(&answer),
         "total_tokens": words(&prompt) + words(&answer)});

@@ -1,0 +1,253 @@
+//! Policy hot reload (all-or-nothing, traffic keeps flowing), `fuke check` diagnostics and
+//! `fuke keygen`.
+
+mod support;
+
+use std::process::Command;
+
+use http::{Method, StatusCode};
+use support::*;
+
+const CHAT: &str = "/v1/chat/completions";
+
+async fn model_ids(c: &TestClient, gw: &Gateway, key: &str) -> Vec<String> {
+    let r = send(c, Method::GET, &gw.url("/v1/models"), Some(key), &[], "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn valid_change_applies_and_broken_file_is_rejected_while_serving() {
+    let up = Upstream::start().await;
+    let policy = policy_yaml(&up.base_url());
+    let gw = Gateway::start(&policy).await;
+    let app = gw.app.clone();
+    let _watch = fuke::reload::watch_dirs("policies", vec![gw.policy_dir.clone()], move || {
+        app.reload_policy()
+    })
+    .unwrap();
+    let c = client();
+    assert_eq!(model_ids(&c, &gw, KEY_GLOBEX).await, vec!["secret-model"]);
+
+    // A valid edit: globex gains gpt-test, and a new key appears.
+    let new_key = "fk-test-new-key-0009";
+    let edited = policy
+        .replace("models: [secret-model]", "models: [secret-model, gpt-test]")
+        .replace(
+            "      - { id: globex-key,",
+            &format!(
+                "      - {{ id: globex-2, sha256: {} }}\n      - {{ id: globex-key,",
+                hash(new_key)
+            ),
+        );
+    std::fs::write(gw.policy_dir.join("main.yaml"), &edited).unwrap();
+    eventually("the edit to apply", || async {
+        model_ids(&c, &gw, KEY_GLOBEX).await.len() == 2
+    })
+    .await;
+    let r = post(
+        &c,
+        &gw.url(CHAT),
+        new_key,
+        r#"{"model":"gpt-test","messages":[{"role":"user","content":"x"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let version = gw.app.policy.current().version;
+
+    // A broken edit in a second file: unknown field, bad hash, unknown alias. Nothing of it
+    // applies, not even the valid parts; the previous version keeps serving.
+    std::fs::write(
+        gw.policy_dir.join("extra.yaml"),
+        "tenants:\n  initech:\n    models: [gpt-test, nope]\n    keys:\n      - { id: i1, sha256: zz }\n    colour: blue\n",
+    )
+    .unwrap();
+    eventually("the broken edit to be rejected", || async {
+        let m = send(&c, Method::GET, &gw.url("/metrics"), None, &[], "")
+            .await
+            .text();
+        m.contains(r#"fuke_policy_reloads_total{result="rejected"}"#)
+    })
+    .await;
+    assert_eq!(gw.app.policy.current().version, version);
+    assert!(gw.app.policy.current().tenant("initech").is_none());
+    let r = post(
+        &c,
+        &gw.url(CHAT),
+        new_key,
+        r#"{"model":"gpt-test","messages":[{"role":"user","content":"x"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    // Fixing the file applies it.
+    let good = format!(
+        "tenants:\n  initech:\n    models: [gpt-test]\n    keys:\n      - {{ id: i1, sha256: {} }}\n",
+        hash("fk-initech")
+    );
+    std::fs::write(gw.policy_dir.join("extra.yaml"), good).unwrap();
+    eventually("the fixed file to apply", || async {
+        gw.app.policy.current().tenant("initech").is_some()
+    })
+    .await;
+    let r = post(
+        &c,
+        &gw.url(CHAT),
+        "fk-initech",
+        r#"{"model":"gpt-test","messages":[{"role":"user","content":"x"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn kubernetes_style_symlink_swap_is_seen() {
+    // ConfigMap volumes: policies/main.yaml -> ..data/main.yaml, ..data -> ..<timestamp>/
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("policies");
+    std::fs::create_dir_all(mount.join("..v1")).unwrap();
+    std::fs::write(mount.join("..v1/main.yaml"), policy_yaml(&up.base_url())).unwrap();
+    std::os::unix::fs::symlink("..v1", mount.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/main.yaml", mount.join("main.yaml")).unwrap();
+
+    let store = fuke::policy::PolicyStore::open(&mount, Default::default()).unwrap();
+    let app = fuke::app::App::new(
+        std::sync::Arc::new(store),
+        std::sync::Arc::new(fuke::metering::LogSink),
+        Default::default(),
+        Default::default(),
+    );
+    let a = app.clone();
+    let _watch =
+        fuke::reload::watch_dirs("policies", vec![mount.clone()], move || a.reload_policy())
+            .unwrap();
+    assert!(app.policy.current().tenant("newco").is_none());
+
+    std::fs::create_dir_all(mount.join("..v2")).unwrap();
+    let v2 = policy_yaml(&up.base_url()) + "  newco:\n    models: [gpt-test]\n";
+    std::fs::write(mount.join("..v2/main.yaml"), v2).unwrap();
+    std::os::unix::fs::symlink("..v2", mount.join("..data_tmp")).unwrap();
+    std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+    eventually("the swapped ConfigMap to apply", || async {
+        app.policy.current().tenant("newco").is_some()
+    })
+    .await;
+}
+
+fn fuke() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fuke"))
+}
+
+#[test]
+fn check_lists_every_problem_with_file_line_and_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).unwrap();
+    std::fs::write(
+        p.join("fuke.yaml"),
+        "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\npolicies: policies\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("policies/a.yaml"),
+        "upstreams:\n  up:\n    base_url: ftp://x\nmodels:\n  m1: { upstream: nowhere }\ntenants:\n  t:\n    models: [m1, ghost]\n    keys:\n      - { id: k, sha256: abc }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("policies/b.yaml"),
+        "tenants:\n  u:\n    modles: [m1]\n",
+    )
+    .unwrap();
+
+    let out = fuke()
+        .arg("check")
+        .arg("-c")
+        .arg(p.join("fuke.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let a = p.join("policies/a.yaml").display().to_string();
+    let b = p.join("policies/b.yaml").display().to_string();
+    for expected in [
+        format!("{a}:3: upstreams.up.base_url: must be an http:// or https:// URL with a host"),
+        format!("{a}:5: models.m1.upstream: unknown upstream `nowhere`"),
+        format!("{a}:8: tenants.t.models[1]: unknown model alias `ghost`"),
+        format!("{a}:10: tenants.t.keys[0].sha256: must be 64 hex digits"),
+        format!("{b}:3: tenants.u.modles: unknown field `modles`"),
+    ] {
+        assert!(err.contains(&expected), "missing `{expected}` in:\n{err}");
+    }
+
+    // And a good setup passes.
+    std::fs::write(
+        p.join("policies/a.yaml"),
+        "upstreams:\n  up:\n    base_url: http://127.0.0.1:9/v1\nmodels:\n  m1: { upstream: up }\n",
+    )
+    .unwrap();
+    std::fs::remove_file(p.join("policies/b.yaml")).unwrap();
+    let out = fuke()
+        .arg("check")
+        .arg("-c")
+        .arg(p.join("fuke.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_reports_config_problems_and_missing_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::write(
+        p.join("fuke.yaml"),
+        "listeners:\n  - addr: nowhere\n  - addr: 0.0.0.0:8443\n    tls: { cert: certs/none.pem, key: certs/none.key }\n  - addr: 127.0.0.1:8080\n",
+    )
+    .unwrap();
+    let out = fuke()
+        .arg("check")
+        .arg("-c")
+        .arg(p.join("fuke.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(":2: listeners[0].addr: `nowhere` is not an IP:port address"),
+        "{err}"
+    );
+    assert!(err.contains(":4: listeners[1].tls.cert:"), "{err}");
+    assert!(err.contains(":5: listeners[2]: needs `tls`"), "{err}");
+}
+
+#[test]
+fn keygen_prints_a_key_whose_hash_is_the_policy_line() {
+    let out = fuke()
+        .args(["keygen", "--tenant", "acme", "--id", "acme-ci"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .split_whitespace()
+        .find(|w| w.starts_with("fk-"))
+        .expect("a key");
+    assert_eq!(key.len(), 3 + 64);
+    let line = text.lines().find(|l| l.contains("sha256:")).unwrap();
+    assert!(line.contains("id: acme-ci"));
+    assert!(line.contains(&format!("sha256: {}", hash(key))), "{line}");
+    assert!(
+        !line.contains(key),
+        "the key itself must not be in the policy line"
+    );
+}
