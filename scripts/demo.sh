@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the demo: builds Fuke, creates development certificates if missing, starts the echo
+# upstream on 127.0.0.1:8081 and serves fuke.yaml (HTTP :8080, HTTPS :8443).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+cargo build --release --bin fuke --example echo_upstream
+bin=target/release/fuke
+[ -f certs/server.pem ] || "$bin" certs dev --dir certs
+"$bin" check -c fuke.yaml
+target/release/examples/echo_upstream 127.0.0.1:8081 &
+upstream=$!
+trap 'kill $upstream 2>/dev/null || true' EXIT
+cat <<'MSG'
+
+Fuke demo: http://127.0.0.1:8080/v1 and https://127.0.0.1:8443/v1 (CA: certs/ca.pem)
+  curl -s http://127.0.0.1:8080/v1/chat/completions \
+    -H 'Authorization: Bearer fk-demo-local-only-change-me' -H 'Content-Type: application/json' \
+    -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}],"stream":true}'
+MSG
+"$bin" serve -c fuke.yaml
