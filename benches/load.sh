@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Load test: the same upstream called directly, through a minimal hyper proxy (the baseline),
+# and through Fuke (auth, policy, metering and usage log on), in one run; JSON and SSE at
+# concurrency 16 and 64. Then the gateway's RSS while it holds N slow streams.
+#   benches/load.sh [seconds per run, default 10] [slow streams, default 1000]
+# Needs wrk (apt-get install wrk). Everything listens on 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-10}"
+streams="${2:-1000}"
+command -v wrk >/dev/null || { echo "wrk is needed: apt-get install -y wrk" >&2; exit 1; }
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+cargo build --release --quiet --bin fuke --example echo_upstream --example baseline_proxy --example slow_streams
+ulimit -n 65536 2>/dev/null || true
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+UP=127.0.0.1:19001 BASE=127.0.0.1:19100 FUKE=127.0.0.1:19200
+key=fk-load-test-key
+hash=$(printf '%s' "$key" | sha256sum | cut -d' ' -f1)
+mkdir -p "$work/policies"
+cat > "$work/fuke.yaml" <<YAML
+listeners:
+  - addr: $FUKE
+    plaintext: true
+policies: policies
+YAML
+cat > "$work/policies/load.yaml" <<YAML
+upstreams:
+  echo: { base_url: "http://$UP/v1" }
+models:
+  gpt-4o-mini: { upstream: echo }
+  slow: { upstream: echo }
+tenants:
+  bench:
+    models: ["*"]
+    keys:
+      - { id: bench-key, sha256: $hash }
+YAML
+
+target/release/examples/echo_upstream "$UP" >/dev/null & pids+=($!)
+target/release/examples/baseline_proxy "$BASE" "http://$UP" >/dev/null & pids+=($!)
+RUST_LOG=info target/release/fuke serve -c "$work/fuke.yaml" >"$work/fuke.log" 2>&1 & fuke_pid=$!; pids+=($fuke_pid)
+for a in $UP $BASE $FUKE; do
+  for _ in $(seq 100); do curl -s -o /dev/null "http://$a/" && break; sleep 0.1; done
+done
+
+for mode in json sse; do
+  stream=false; [ "$mode" = sse ] && stream=true
+  cat > "$work/$mode.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"model":"gpt-4o-mini","stream":$stream,"messages":[{"role":"system","content":"You are a helpful customer-service assistant."},{"role":"user","content":"Where is my order 12345? It was due yesterday."}]}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $key"
+LUA
+done
+
+# Prints "rps p99_ms" for one run.
+run() {
+  local addr=$1 mode=$2 conns=$3 out
+  out=$(wrk -t2 -c"$conns" -d"${secs}s" --latency -s "$work/$mode.lua" "http://$addr/v1/chat/completions")
+  if echo "$out" | grep -q "Non-2xx"; then echo "non-2xx answers from $addr" >&2; echo "$out" >&2; exit 1; fi
+  local rps p99
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}')
+  echo "$rps $p99"
+}
+
+printf '%-5s %-5s %12s %12s %12s %10s %10s %10s %12s\n' mode conc direct_rps baseline_rps fuke_rps fuke/base direct_p99 base_p99 fuke_p99_ms
+for mode in json sse; do
+  for c in 16 64; do
+    read -r d_rps d_p99 < <(run $UP $mode $c)
+    read -r b_rps b_p99 < <(run $BASE $mode $c)
+    read -r f_rps f_p99 < <(run $FUKE $mode $c)
+    ratio=$(awk -v f="$f_rps" -v b="$b_rps" 'BEGIN {printf "%.3f", f/b}')
+    printf '%-5s %-5s %12s %12s %12s %10s %10s %10s %12s\n' "$mode" "$c" "$d_rps" "$b_rps" "$f_rps" "$ratio" "$d_p99" "$b_p99" "$f_p99"
+  done
+done
+
+echo "usage events logged: $(grep -c 'fuke::usage' "$work/fuke.log" || true)"
+target/release/examples/slow_streams "http://$FUKE/v1/chat/completions" "$key" "$streams" "$fuke_pid"
