@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, combinators::UnsyncBoxBody};
-use hyper::body::Incoming;
 use hyper::Request;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -15,10 +15,14 @@ type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 async fn main() {
     let mut args = std::env::args().skip(1);
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:9100".into());
-    let origin = args.next().unwrap_or_else(|| "http://127.0.0.1:9001".into());
+    let origin = args
+        .next()
+        .unwrap_or_else(|| "http://127.0.0.1:9001".into());
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
     let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(1024)
-        .build(HttpConnector::new());
+        .build(connector);
     let listener = tokio::net::TcpListener::bind(&listen).await.unwrap();
     println!("baseline proxy on {listen} -> {origin}");
     loop {

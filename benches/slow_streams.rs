@@ -22,7 +22,12 @@ fn rss_kib(pid: &str) -> u64 {
 #[tokio::main]
 async fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    let (url, key, n, pid) = (a[0].clone(), a[1].clone(), a[2].parse::<usize>().unwrap(), a[3].clone());
+    let (url, key, n, pid) = (
+        a[0].clone(),
+        a[1].clone(),
+        a[2].parse::<usize>().unwrap(),
+        a[3].clone(),
+    );
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(n)
         .build(HttpConnector::new());

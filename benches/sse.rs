@@ -29,7 +29,10 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("sse");
     g.throughput(Throughput::Bytes(total as u64));
-    for (name, frames) in [("scanner/event_frames", &per_event), ("scanner/16k_frames", &big)] {
+    for (name, frames) in [
+        ("scanner/event_frames", &per_event),
+        ("scanner/16k_frames", &big),
+    ] {
         g.bench_function(name, |b| {
             b.iter(|| {
                 let mut sc = SseScanner::new(true);

@@ -20,6 +20,9 @@ use crate::openai::{Endpoint, Usage, usage_of_response};
 use crate::sse::SseScanner;
 use crate::telemetry::Metrics;
 
+/// How long to keep reading an upstream after its `[DONE]` for connection reuse.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Largest non-streamed upstream answer accepted.
 const MAX_JSON_ANSWER: usize = 64 << 20;
 
@@ -175,7 +178,7 @@ async fn read_answer(
 
 enum Phase {
     Streaming,
-    /// `[DONE]` is out; reading the upstream to its end so its connection goes back to the pool.
+    /// `[DONE]` is out; the client's stream ends next.
     Draining,
     Finished,
 }
@@ -200,13 +203,17 @@ impl SseRelay {
             match self.phase {
                 Phase::Finished => return None,
                 Phase::Draining => {
-                    match tokio::time::timeout(self.idle, self.upstream.frame()).await {
-                        Ok(Some(Ok(_))) => continue,
-                        _ => {
-                            self.phase = Phase::Finished;
-                            return None;
-                        }
+                    // The client's answer is complete: end it now. Reading the upstream to its
+                    // end (normally nothing is left) lets its connection go back to the pool.
+                    let mut rest = std::mem::replace(&mut self.upstream, body::empty());
+                    if !rest.is_end_stream() {
+                        tokio::spawn(async move {
+                            let drain = async { while let Some(Ok(_)) = rest.frame().await {} };
+                            let _ = tokio::time::timeout(DRAIN_LIMIT, drain).await;
+                        });
                     }
+                    self.phase = Phase::Finished;
+                    return None;
                 }
                 Phase::Streaming => {}
             }

@@ -174,14 +174,25 @@ impl Metrics {
     }
 }
 
-/// Installs the global `tracing` subscriber (`RUST_LOG` filters; default `info`).
-pub fn init_logging(json: bool) {
+/// Installs the global `tracing` subscriber (`RUST_LOG` filters; default `info`). Lines are
+/// written by a background thread so a request never waits on stderr; the writer blocks rather
+/// than drops when it falls behind (usage lines must not vanish). Keep the guard until exit: it
+/// flushes what is queued.
+pub fn init_logging(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if json {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+    guard
 }

@@ -456,6 +456,25 @@ async fn stream_without_upstream_usage_is_recorded_as_missing_not_estimated() {
 }
 
 #[tokio::test]
+async fn stream_ends_at_done_even_if_the_upstream_lingers() {
+    let (_up, gw, c) = setup().await;
+    // The upstream keeps its response open after [DONE]; the client's stream must still end
+    // (well before the 3 s idle timeout would cut it).
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        post(
+            &c,
+            &gw.url(CHAT),
+            KEY_ACME,
+            r#"{"model":"linger","stream":true,"messages":[{"role":"user","content":"a"}]}"#,
+        ),
+    )
+    .await
+    .expect("client stream held open by the upstream");
+    assert!(r.text().ends_with("data: [DONE]\n\n"));
+}
+
+#[tokio::test]
 async fn client_disconnect_cancels_the_upstream_request() {
     let (up, gw, c) = setup().await;
     let req = http::Request::builder()

@@ -26,11 +26,26 @@ async fn official_python_sdk_works_unchanged() {
     assert_eq!(v["chat"], "echo: hello sdk");
     assert_eq!(v["chat_usage"], 2 + 3);
     assert_eq!(v["stream_text"], "echo: hello sdk");
-    assert_eq!(v["stream_usage_chunks"], 0, "usage chunk leaked to a client that did not ask");
+    assert_eq!(
+        v["stream_usage_chunks"], 0,
+        "usage chunk leaked to a client that did not ask"
+    );
     assert_eq!(v["stream_usage"], serde_json::json!([5]));
     assert_eq!(v["model"], "gpt-test");
-    assert!(v["models"].as_array().unwrap().iter().any(|m| m == "gpt-test"));
-    assert!(!v["models"].as_array().unwrap().iter().any(|m| m == "secret-model"));
+    assert!(
+        v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "gpt-test")
+    );
+    assert!(
+        !v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "secret-model")
+    );
     assert_eq!(v["embeddings"], 2);
     assert_eq!(v["completion"], "echo: complete me");
     let e = &v["errors"];

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Method, Request, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::Client;
@@ -16,6 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use super::{Backend, BackendRequest, BackendResponse, BoxFuture};
 use crate::body::Body;
 use crate::error::Error;
+use crate::openai::Endpoint;
 
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
@@ -96,6 +97,8 @@ pub struct Remote {
     pub name: String,
     /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
+    /// The endpoint URIs under `base_url`, parsed once.
+    pub uris: EndpointUris,
     pub api_key: Option<HeaderValue>,
     pub client: HttpClient,
     pub first_byte_timeout: Duration,
@@ -112,14 +115,43 @@ impl std::fmt::Debug for Remote {
     }
 }
 
+/// Full URIs of the endpoints of one upstream.
+#[derive(Debug, Clone)]
+pub struct EndpointUris {
+    chat: Uri,
+    completions: Uri,
+    embeddings: Uri,
+    transcriptions: Uri,
+}
+
+impl EndpointUris {
+    pub fn new(base_url: &str) -> Result<Self, http::uri::InvalidUri> {
+        let uri = |e: Endpoint| format!("{base_url}{}", e.upstream_path()).parse::<Uri>();
+        Ok(EndpointUris {
+            chat: uri(Endpoint::ChatCompletions)?,
+            completions: uri(Endpoint::Completions)?,
+            embeddings: uri(Endpoint::Embeddings)?,
+            transcriptions: uri(Endpoint::AudioTranscriptions)?,
+        })
+    }
+
+    fn get(&self, endpoint: Endpoint) -> Uri {
+        match endpoint {
+            Endpoint::ChatCompletions => self.chat.clone(),
+            Endpoint::Completions => self.completions.clone(),
+            Endpoint::Embeddings => self.embeddings.clone(),
+            Endpoint::AudioTranscriptions => self.transcriptions.clone(),
+        }
+    }
+}
+
 // === impl Remote ===
 
 impl Remote {
     async fn call(&self, req: BackendRequest) -> Result<BackendResponse, Error> {
-        let uri = format!("{}{}", self.base_url, req.endpoint.upstream_path());
         let mut builder = Request::builder()
             .method(Method::POST)
-            .uri(&uri)
+            .uri(self.uris.get(req.endpoint))
             .header(header::CONTENT_TYPE, req.content_type)
             .header(header::USER_AGENT, "fuke/0.1")
             .header("x-request-id", req.request_id);

@@ -12,7 +12,7 @@ use http::HeaderValue;
 use super::lines::LineIndex;
 use super::raw::{RawPolicyFile, RawTenant};
 use super::{Limits, ModelRoute, Policy, Principal, Tenant};
-use crate::backends::remote::{ClientPool, Remote};
+use crate::backends::remote::{ClientPool, EndpointUris, Remote};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -190,19 +190,23 @@ fn validate(report: &mut Report<'_>, version: u64, clients: &ClientPool) -> Poli
                 continue;
             }
             let base_url = up.base_url.trim_end_matches('/').to_string();
-            match base_url.parse::<http::Uri>() {
+            let uris = match base_url.parse::<http::Uri>() {
                 Ok(u)
                     if matches!(u.scheme_str(), Some("http" | "https"))
-                        && u.authority().is_some() => {}
-                _ => {
-                    report.add(
-                        si,
-                        format!("{path}.base_url"),
-                        "must be an http:// or https:// URL with a host",
-                    );
-                    continue;
+                        && u.authority().is_some() =>
+                {
+                    EndpointUris::new(&base_url).ok()
                 }
-            }
+                _ => None,
+            };
+            let Some(uris) = uris else {
+                report.add(
+                    si,
+                    format!("{path}.base_url"),
+                    "must be an http:// or https:// URL with a host",
+                );
+                continue;
+            };
             let api_key = match &up.api_key_env {
                 None => None,
                 Some(var) => match std::env::var(var) {
@@ -255,6 +259,7 @@ fn validate(report: &mut Report<'_>, version: u64, clients: &ClientPool) -> Poli
             let remote = Remote {
                 name: name.clone(),
                 base_url,
+                uris,
                 api_key,
                 client,
                 first_byte_timeout: Duration::from_millis(

@@ -84,6 +84,7 @@ models:
   hang: {{ upstream: test }}
   drop: {{ upstream: test }}
   no-usage: {{ upstream: test }}
+  linger: {{ upstream: test }}
   fail-400: {{ upstream: test }}
   fail-500: {{ upstream: test }}
   fail-429: {{ upstream: test }}
@@ -91,7 +92,7 @@ models:
   whisper-1: {{ upstream: test }}
 tenants:
   acme:
-    models: [gpt-test, slow, hang, drop, no-usage, fail-400, fail-500, fail-429, whisper-1]
+    models: [gpt-test, slow, hang, drop, no-usage, linger, fail-400, fail-500, fail-429, whisper-1]
     keys:
       - {{ id: acme-key, sha256: {acme} }}
   globex:

@@ -6,6 +6,7 @@
 //! - `hang`: never answers
 //! - `drop`: SSE, two chunks, then the connection is cut
 //! - `no-usage`: SSE without a usage chunk even when asked
+//! - `linger`: SSE that stays open after `data: [DONE]` until the reader leaves
 //! - `fail-400`, `fail-500`, `fail-429`: OpenAI-shaped errors with those statuses
 //!
 //! It records every request body it receives, counts streams cut short by the client, and can
@@ -71,6 +72,7 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                let _ = stream.set_nodelay(true);
                 let st = st.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
@@ -276,6 +278,7 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body
         Duration::ZERO
     };
     let drop_after = if model == "drop" { Some(2) } else { None };
+    let linger = model == "linger";
     let st2 = st.clone();
     tokio::spawn(async move {
         let mut sent = Vec::new();
@@ -298,8 +301,9 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body
             }
         }
         *st2.last_stream.lock().unwrap() = sent;
-        // The stream is complete; wait until the reader is gone to tell a cancel from a finish.
-        tx.closed().await;
+        if linger {
+            tx.closed().await;
+        }
     });
     let stream =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
