@@ -22,7 +22,7 @@ use crate::metering::UsageSink;
 use crate::openai::Endpoint;
 use crate::policy::{Policy, PolicyStore, Principal};
 use crate::proxy;
-use crate::telemetry::{LatencyLabels, Metrics, RequestLabels};
+use crate::telemetry::{Label, LatencyLabels, Metrics, RequestLabels};
 
 /// Settings from `fuke.yaml` that the request path reads.
 #[derive(Debug, Clone)]
@@ -138,8 +138,9 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         Err(e) => e.into_response(),
     };
     app.metrics.in_flight.dec();
-    let tenant = labels.tenant.as_deref().unwrap_or("-").to_string();
-    let model = labels.model.as_deref().unwrap_or("-").to_string();
+    let none = || Label(Arc::from("-"));
+    let tenant = labels.tenant.as_ref().map_or_else(none, Label::from);
+    let model = labels.model.as_ref().map_or_else(none, Label::from);
     app.metrics
         .latency
         .get_or_create(&LatencyLabels {

@@ -3,7 +3,6 @@
 //! leave as the very `Bytes` they arrived in; only an event split across frames is copied once.
 
 use bytes::{Bytes, BytesMut};
-use memchr::memmem;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
@@ -162,7 +161,7 @@ impl SseScanner {
         if payload.trim_ascii() == b"[DONE]" {
             return EventKind::Done;
         }
-        if !has_usage_object(payload) {
+        if crate::openai::find_usage_object(payload).is_none() {
             return EventKind::Plain;
         }
         #[derive(Deserialize)]
@@ -200,23 +199,6 @@ fn data_payload(event: &[u8]) -> &[u8] {
         }
         rest = &rest[end + 1..];
     }
-}
-
-/// True when the payload has `"usage"` followed by an object (not `null`).
-fn has_usage_object(payload: &[u8]) -> bool {
-    let finder = memmem::Finder::new(b"\"usage\"");
-    let mut from = 0;
-    while let Some(i) = finder.find(&payload[from..]) {
-        let after = &payload[from + i + 7..];
-        let after = after.trim_ascii_start();
-        if let Some(after) = after.strip_prefix(b":")
-            && after.trim_ascii_start().first() == Some(&b'{')
-        {
-            return true;
-        }
-        from += i + 7;
-    }
-    false
 }
 
 #[cfg(test)]

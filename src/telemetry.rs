@@ -1,8 +1,10 @@
 //! Logs (`tracing`) and Prometheus metrics.
 
+use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -11,18 +13,34 @@ use prometheus_client::registry::Registry;
 
 use crate::metering::UsageEvent;
 
+/// A label value shared by reference count: labelling a request clones no strings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Label(pub Arc<str>);
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+impl From<&Arc<str>> for Label {
+    fn from(s: &Arc<str>) -> Self {
+        Label(s.clone())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub tenant: String,
-    pub model: String,
+    pub tenant: Label,
+    pub model: Label,
     pub endpoint: &'static str,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
-    pub tenant: String,
-    pub model: String,
+    pub tenant: Label,
+    pub model: Label,
     pub endpoint: &'static str,
 }
 
@@ -34,8 +52,8 @@ pub struct UpstreamLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
-    pub tenant: String,
-    pub model: String,
+    pub tenant: Label,
+    pub model: Label,
     pub kind: &'static str,
 }
 
@@ -157,8 +175,8 @@ impl Metrics {
             if n > 0 {
                 self.tokens
                     .get_or_create(&TokenLabels {
-                        tenant: ev.tenant.to_string(),
-                        model: ev.model_alias.to_string(),
+                        tenant: Label::from(&ev.tenant),
+                        model: Label::from(&ev.model_alias),
                         kind,
                     })
                     .inc_by(n);

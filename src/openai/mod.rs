@@ -2,7 +2,9 @@
 //! as raw JSON and re-emitted byte-for-byte), usage objects, and model listings.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use indexmap::IndexMap;
+
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -42,11 +44,11 @@ impl Endpoint {
     }
 }
 
-/// A JSON request body: every top-level field as the raw bytes it arrived in, plus the few
-/// fields the gateway acts on, validated.
+/// A JSON request body: every top-level field as the raw bytes it arrived in (borrowed from the
+/// body, in order), plus the few fields the gateway acts on, validated.
 #[derive(Debug)]
-pub struct JsonRequest {
-    fields: IndexMap<String, Box<RawValue>>,
+pub struct JsonRequest<'a> {
+    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
     pub endpoint: Endpoint,
     pub model: String,
     pub stream: bool,
@@ -58,6 +60,62 @@ pub struct JsonRequest {
 struct MessageShape<'a> {
     #[serde(borrow)]
     role: Option<&'a RawValue>,
+}
+
+/// A JSON string borrowed from the body when it has no escapes, owned otherwise.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The top-level object as (key, raw value) pairs in order.
+struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields<'de>, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    fields.push((key, value));
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The fast check of `messages`: every element an object whose `role` is a known string.
+#[derive(Deserialize)]
+struct RoleOnly<'a> {
+    #[serde(borrow)]
+    role: Text<'a>,
 }
 
 const ROLES: &[&str] = &[
@@ -85,10 +143,20 @@ fn missing(param: &str) -> Error {
 
 // === impl JsonRequest ===
 
-impl JsonRequest {
-    pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Self, Error> {
-        let fields: IndexMap<String, Box<RawValue>> =
-            serde_json::from_slice(body).map_err(|e| {
+impl<'a> JsonRequest<'a> {
+    /// The last occurrence of a top-level field (JSON parsers agree that the last one wins).
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+    }
+
+    pub fn parse(endpoint: Endpoint, body: &'a [u8]) -> Result<Self, Error> {
+        let fields: Vec<(Cow<'a, str>, &'a RawValue)> = serde_json::from_slice::<Fields<'a>>(body)
+            .map(|f| f.0)
+            .map_err(|e| {
                 let what = if e.is_data() {
                     "the body must be a JSON object"
                 } else {
@@ -103,8 +171,15 @@ impl JsonRequest {
                     None,
                 )
             })?;
+        let mut req = JsonRequest {
+            fields,
+            endpoint,
+            model: String::new(),
+            stream: false,
+            include_usage: false,
+        };
 
-        let model = match fields.get("model") {
+        let model = match req.get("model") {
             None => return Err(missing("model")),
             Some(raw) => serde_json::from_str::<String>(raw.get())
                 .map_err(|_| type_error("model", "a string"))?,
@@ -114,21 +189,21 @@ impl JsonRequest {
         }
 
         match endpoint {
-            Endpoint::ChatCompletions => validate_messages(fields.get("messages").map(|b| &**b))?,
+            Endpoint::ChatCompletions => validate_messages(req.get("messages"))?,
             Endpoint::Completions => {
-                if !fields.contains_key("prompt") {
+                if req.get("prompt").is_none() {
                     return Err(missing("prompt"));
                 }
             }
             Endpoint::Embeddings => {
-                if !fields.contains_key("input") {
+                if req.get("input").is_none() {
                     return Err(missing("input"));
                 }
             }
             Endpoint::AudioTranscriptions => {}
         }
 
-        let stream = match fields.get("stream") {
+        let stream = match req.get("stream") {
             None => false,
             Some(raw) => serde_json::from_str::<Option<bool>>(raw.get())
                 .map_err(|_| type_error("stream", "a boolean"))?
@@ -140,7 +215,7 @@ impl JsonRequest {
                 Some("stream".to_owned()),
             ));
         }
-        let include_usage = match fields.get("stream_options") {
+        let include_usage = match req.get("stream_options") {
             None => false,
             Some(raw) => {
                 #[derive(Deserialize)]
@@ -156,13 +231,10 @@ impl JsonRequest {
             }
         };
 
-        Ok(JsonRequest {
-            fields,
-            endpoint,
-            model,
-            stream,
-            include_usage,
-        })
+        req.model = model;
+        req.stream = stream;
+        req.include_usage = include_usage;
+        Ok(req)
     }
 
     /// The body sent upstream: the client's fields in their order and bytes, with `model`
@@ -190,7 +262,7 @@ impl JsonRequest {
         let model_json = serde_json::to_vec(upstream_model).unwrap_or_default();
         let mut saw_stream_options = false;
         for (key, raw) in &self.fields {
-            match key.as_str() {
+            match key.as_ref() {
                 "model" => put_field(&mut out, key, &model_json),
                 "stream_options" if self.stream => {
                     saw_stream_options = true;
@@ -216,6 +288,13 @@ fn forced_stream_options(raw: &RawValue) -> Vec<u8> {
 
 fn validate_messages(raw: Option<&RawValue>) -> Result<(), Error> {
     let raw = raw.ok_or_else(|| missing("messages"))?;
+    // Fast path: one pass that touches only `role`; the precise error needs the slow one.
+    if let Ok(roles) = serde_json::from_str::<Vec<RoleOnly>>(raw.get())
+        && !roles.is_empty()
+        && roles.iter().all(|r| ROLES.contains(&r.role.0.as_ref()))
+    {
+        return Ok(());
+    }
     let messages: Vec<&RawValue> =
         serde_json::from_str(raw.get()).map_err(|_| type_error("messages", "an array"))?;
     if messages.is_empty() {
@@ -254,13 +333,35 @@ pub struct Usage {
     pub total_tokens: u64,
 }
 
-/// Reads `usage` out of a complete JSON response without building a tree of the rest.
+/// Reads `usage` out of a complete JSON response without parsing the rest: finds the `"usage"`
+/// key (an unescaped `"usage"` can only be a key; inside strings its quotes are escaped) and
+/// parses the object after it.
 pub fn usage_of_response(body: &[u8]) -> Option<Usage> {
-    #[derive(Deserialize)]
-    struct UsageOnly {
-        usage: Option<Usage>,
+    let at = find_usage_object(body)?;
+    let mut de = serde_json::Deserializer::from_slice(&body[at..]);
+    Usage::deserialize(&mut de).ok()
+}
+
+/// Offset of the `{` that opens the value of the last `"usage"` key whose value is an object.
+pub fn find_usage_object(json: &[u8]) -> Option<usize> {
+    let finder = memchr::memmem::FinderRev::new(b"\"usage\"");
+    let mut end = json.len();
+    while let Some(i) = finder.rfind(&json[..end]) {
+        end = i;
+        if i > 0 && json[i - 1] == b'\\' {
+            continue;
+        }
+        let after = &json[i + 7..];
+        let ws = after.len() - after.trim_ascii_start().len();
+        let after = after.trim_ascii_start();
+        if let Some(rest) = after.strip_prefix(b":") {
+            let ws2 = rest.len() - rest.trim_ascii_start().len();
+            if rest.trim_ascii_start().first() == Some(&b'{') {
+                return Some(i + 7 + ws + 1 + ws2);
+            }
+        }
     }
-    serde_json::from_slice::<UsageOnly>(body).ok()?.usage
+    None
 }
 
 #[derive(Serialize)]
@@ -311,6 +412,25 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&req.upstream_body("m")).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["stream_options"]["other"], 1);
+    }
+
+    #[test]
+    fn usage_is_found_without_parsing_the_rest() {
+        let body = br#"{"id":"x","choices":[{"message":{"content":"the \"usage\": {\"prompt_tokens\":99}"}}],"usage" : {"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let u = usage_of_response(body).unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (3, 4, 7)
+        );
+        assert_eq!(usage_of_response(br#"{"usage":null}"#), None);
+        assert_eq!(usage_of_response(br#"{"choices":[]}"#), None);
+    }
+
+    #[test]
+    fn escaped_keys_and_duplicates() {
+        let body = br#"{"mod\u0065l":"a","messages":[{"role":"user","content":"x"}],"model":"b"}"#;
+        let req = JsonRequest::parse(Endpoint::ChatCompletions, body).unwrap();
+        assert_eq!(req.model, "b");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use http::HeaderValue;
 
 use super::lines::LineIndex;
 use super::raw::{RawPolicyFile, RawTenant};
-use super::{Limits, ModelRoute, Policy, Principal, Tenant};
+use super::{Limits, Map, ModelRoute, Policy, Principal, Tenant};
 use crate::backends::remote::{ClientPool, EndpointUris, Remote};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,7 +271,7 @@ fn validate(report: &mut Report<'_>, version: u64, clients: &ClientPool) -> Poli
         }
     }
 
-    let mut models: HashMap<Arc<str>, ModelRoute> = HashMap::new();
+    let mut models: Map<Arc<str>, ModelRoute> = Map::default();
     for (si, src) in sources.iter().enumerate() {
         for (alias, m) in &src.raw.models {
             let path = format!("models.{alias}");
@@ -304,8 +304,8 @@ fn validate(report: &mut Report<'_>, version: u64, clients: &ClientPool) -> Poli
         }
     }
 
-    let mut tenants = HashMap::new();
-    let mut keys = HashMap::new();
+    let mut tenants = Map::default();
+    let mut keys = Map::default();
     let mut key_ids: HashMap<String, ()> = HashMap::new();
     for (si, src) in sources.iter().enumerate() {
         for (name, t) in &src.raw.tenants {
@@ -368,7 +368,7 @@ fn validate_tenant(
     si: usize,
     name: &str,
     t: &RawTenant,
-    models: &HashMap<Arc<str>, ModelRoute>,
+    models: &Map<Arc<str>, ModelRoute>,
     sources: &[Source],
 ) -> Tenant {
     let path = format!("tenants.{name}");

@@ -46,13 +46,17 @@ pub struct ModelRoute {
     pub upstream_model: String,
 }
 
+/// The policy's lookup maps: aHash (keyed per process, fast on short keys) instead of SipHash;
+/// every request does several lookups.
+pub(crate) type Map<K, V> = HashMap<K, V, ahash::RandomState>;
+
 /// One complete, validated policy version. Requests pin one `Arc<Policy>` for their lifetime.
 #[derive(Debug)]
 pub struct Policy {
     pub version: u64,
-    keys: HashMap<[u8; 32], (Principal, [u8; 32])>,
-    tenants: HashMap<Arc<str>, Tenant>,
-    models: HashMap<Arc<str>, ModelRoute>,
+    keys: Map<[u8; 32], (Principal, [u8; 32])>,
+    tenants: Map<Arc<str>, Tenant>,
+    models: Map<Arc<str>, ModelRoute>,
 }
 
 // === impl Policy ===
