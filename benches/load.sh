@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Load test: the same upstream called directly, through a minimal hyper proxy (the baseline),
 # and through Fuke (auth, policy, metering and usage log on), in one run; JSON and SSE at
-# concurrency 16 and 64. Then the gateway's RSS while it holds N slow streams.
+# concurrency 16 and 64; and the gateway's RSS while it holds N slow streams (on the fresh
+# process, and again after the load runs).
 #   benches/load.sh [seconds per run, default 10] [slow streams, default 1000]
 # Needs wrk (apt-get install wrk). Everything listens on 127.0.0.1 only.
 set -euo pipefail
@@ -69,6 +70,9 @@ run() {
   echo "$rps $p99"
 }
 
+echo "slow streams on the fresh gateway:"
+target/release/examples/slow_streams "http://$FUKE/v1/chat/completions" "$key" "$streams" "$fuke_pid"
+
 printf '%-5s %-5s %12s %12s %12s %10s %10s %10s %12s\n' mode conc direct_rps baseline_rps fuke_rps fuke/base direct_p99 base_p99 fuke_p99_ms
 for mode in json sse; do
   for c in 16 64; do
@@ -76,9 +80,13 @@ for mode in json sse; do
     read -r b_rps b_p99 < <(run $BASE $mode $c)
     read -r f_rps f_p99 < <(run $FUKE $mode $c)
     ratio=$(awk -v f="$f_rps" -v b="$b_rps" 'BEGIN {printf "%.3f", f/b}')
-    printf '%-5s %-5s %12s %12s %12s %10s %10s %10s %12s\n' "$mode" "$c" "$d_rps" "$b_rps" "$f_rps" "$ratio" "$d_p99" "$b_p99" "$f_p99"
+    echo "slow streams on the fresh gateway:"
+target/release/examples/slow_streams "http://$FUKE/v1/chat/completions" "$key" "$streams" "$fuke_pid"
+
+printf '%-5s %-5s %12s %12s %12s %10s %10s %10s %12s\n' "$mode" "$c" "$d_rps" "$b_rps" "$f_rps" "$ratio" "$d_p99" "$b_p99" "$f_p99"
   done
 done
 
 echo "usage events logged: $(grep -c 'fuke::usage' "$work/fuke.log" || true)"
+echo "slow streams after the load runs:"
 target/release/examples/slow_streams "http://$FUKE/v1/chat/completions" "$key" "$streams" "$fuke_pid"
