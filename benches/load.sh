@@ -80,10 +80,7 @@ for mode in json sse; do
     read -r b_rps b_p99 < <(run $BASE $mode $c)
     read -r f_rps f_p99 < <(run $FUKE $mode $c)
     ratio=$(awk -v f="$f_rps" -v b="$b_rps" 'BEGIN {printf "%.3f", f/b}')
-    echo "slow streams on the fresh gateway:"
-target/release/examples/slow_streams "http://$FUKE/v1/chat/completions" "$key" "$streams" "$fuke_pid"
-
-printf '%-5s %-5s %12s %12s %12s %10s %10s %10s %12s\n' "$mode" "$c" "$d_rps" "$b_rps" "$f_rps" "$ratio" "$d_p99" "$b_p99" "$f_p99"
+    printf '%-5s %-5s %12s %12s %12s %10s %10s %10s %12s\n' "$mode" "$c" "$d_rps" "$b_rps" "$f_rps" "$ratio" "$d_p99" "$b_p99" "$f_p99"
   done
 done
 
