@@ -282,6 +282,20 @@ async fn client_errors_have_openai_shape_and_status() {
         assert_eq!(e["param"], param, "{body}");
     }
 
+    // Hostile JSON: deep nesting, invalid UTF-8, a top-level array.
+    let deep = format!(
+        r#"{{"model":"gpt-test","messages":[{{"role":"user","content":"x"}}],"x":{}{}}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let mut bad_utf8 = br#"{"model":"gpt-test","messages":[{"role":"user","content":""#.to_vec();
+    bad_utf8.extend_from_slice(&[0xff, 0xfe, b'"', b'}', b']', b'}']);
+    for body in [deep.into_bytes(), bad_utf8, b"[1,2,3]".to_vec()] {
+        let r = send(&c, Method::POST, &url, Some(KEY_ACME), &[], body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        r.openai_error();
+    }
+
     let huge = format!(
         r#"{{"model":"gpt-test","messages":[{{"role":"user","content":"{}"}}]}}"#,
         "a".repeat(5 << 20)

@@ -10,6 +10,39 @@ use serde_json::value::RawValue;
 
 use crate::error::Error;
 
+/// Deepest JSON nesting accepted. serde_json skips raw values without recursion, so depth is
+/// no danger to Fuke itself; the limit protects upstreams from bodies no real request needs.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Whether `json` nests arrays/objects deeper than `max` (strings are skipped correctly).
+fn nests_deeper_than(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// The JSON endpoints Fuke routes by `model`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
@@ -154,6 +187,12 @@ impl<'a> JsonRequest<'a> {
     }
 
     pub fn parse(endpoint: Endpoint, body: &'a [u8]) -> Result<Self, Error> {
+        if nests_deeper_than(body, MAX_JSON_DEPTH) {
+            return Err(Error::invalid(
+                format!("The request body nests JSON deeper than {MAX_JSON_DEPTH} levels."),
+                None,
+            ));
+        }
         let fields: Vec<(Cow<'a, str>, &'a RawValue)> = serde_json::from_slice::<Fields<'a>>(body)
             .map(|f| f.0)
             .map_err(|e| {
@@ -424,6 +463,21 @@ mod tests {
         );
         assert_eq!(usage_of_response(br#"{"usage":null}"#), None);
         assert_eq!(usage_of_response(br#"{"choices":[]}"#), None);
+    }
+
+    #[test]
+    fn depth_is_limited_but_brackets_in_strings_do_not_count() {
+        let ok = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "[".repeat(500)
+        );
+        assert!(JsonRequest::parse(Endpoint::ChatCompletions, ok.as_bytes()).is_ok());
+        let deep = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"x":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(JsonRequest::parse(Endpoint::ChatCompletions, deep.as_bytes()).is_err());
     }
 
     #[test]

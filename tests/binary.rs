@@ -1,0 +1,93 @@
+//! The `fuke` binary end to end: `fuke serve` from a config file serves traffic, and SIGTERM
+//! drains an open stream before the process exits cleanly.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_then_sigterm_drains_the_open_stream() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/main.yaml"),
+        policy_yaml(&up.base_url()),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("fuke.yaml"),
+        "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\npolicies: policies\nlog_format: json\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fuke"))
+        .args(["serve", "-c"])
+        .arg(dir.path().join("fuke.yaml"))
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The listening address is in the log (port 0 picks a free one).
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("no 'listening' log line");
+        if line.contains("\"listening\"") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break v["fields"]["addr"].as_str().unwrap().to_string();
+        }
+    };
+
+    let c = client();
+    let req = Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {KEY_ACME}"))
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"slow","stream":true,"messages":[{"role":"user","content":"go"}]}"#,
+        )))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest = tokio::time::timeout(Duration::from_secs(30), body.collect())
+        .await
+        .expect("stream not drained")
+        .unwrap()
+        .to_bytes();
+    assert!(rest.ends_with(b"data: [DONE]\n\n"));
+
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "fuke exited with {exit}");
+    // The usage line of the drained request was written before exit, and no key leaked.
+    let logs: Vec<String> = rx.try_iter().collect();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("fuke::usage") && l.contains("\"model\":\"slow\"")),
+        "{logs:?}"
+    );
+    assert!(logs.iter().all(|l| !l.contains(KEY_ACME)));
+}
