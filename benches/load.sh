@@ -2,7 +2,7 @@
 # Load test: the same upstream called directly, through a minimal hyper proxy (the baseline),
 # and through Fuke (auth, policy, metering and usage log on), in one run; JSON and SSE at
 # concurrency 16 and 64; and the gateway's RSS while it holds N slow streams (on the fresh
-# process, and again after the load runs).
+# process, and again after the load runs); and latency on one connection (no queueing).
 #   benches/load.sh [seconds per run, default 10] [slow streams, default 1000]
 # Needs wrk (apt-get install wrk). Everything listens on 127.0.0.1 only.
 set -euo pipefail
@@ -82,6 +82,16 @@ for mode in json sse; do
     ratio=$(awk -v f="$f_rps" -v b="$b_rps" 'BEGIN {printf "%.3f", f/b}')
     printf '%-5s %-5s %12s %12s %12s %10s %10s %10s %12s\n' "$mode" "$c" "$d_rps" "$b_rps" "$f_rps" "$ratio" "$d_p99" "$b_p99" "$f_p99"
   done
+done
+
+# Added latency without queueing: one connection, so no request waits for CPU behind another.
+lat() {
+  wrk -t1 -c1 -d"${secs}s" --latency -s "$work/$2.lua" "http://$1/v1/chat/completions" |
+    awk '$1=="50%" || $1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; printf "%s ", v}'
+}
+printf '\n%-5s %-26s %-26s %-26s\n' mode "direct p50/p99 ms" "baseline p50/p99 ms" "fuke p50/p99 ms"
+for mode in json sse; do
+  printf '%-5s %-26s %-26s %-26s\n' "$mode" "$(lat $UP $mode)" "$(lat $BASE $mode)" "$(lat $FUKE $mode)"
 done
 
 echo "usage events logged: $(grep -c 'fuke::usage' "$work/fuke.log" || true)"
