@@ -12,7 +12,9 @@ use hyper::body::Incoming;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneService;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 
 use crate::auth;
 use crate::body::{self, Body};
@@ -100,8 +102,8 @@ impl App {
 /// The gateway's HTTP service, outermost layer first.
 pub fn service(app: Arc<App>) -> HttpService {
     let svc = ServiceBuilder::new()
-        // Every response, even a panic's, carries x-request-id (the caller's, or a new UUID).
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // Every response, even a panic's, carries x-request-id (the caller's, or a new `req_<hex>`).
+        .layer(SetRequestIdLayer::x_request_id(NewRequestId))
         .layer(PropagateRequestIdLayer::x_request_id())
         // Back to our body type (catch-panic wraps bodies in its own box type).
         .map_response(|resp: Response<_>| resp.map(BodyExt::boxed_unsync))
@@ -116,6 +118,20 @@ pub fn service(app: Arc<App>) -> HttpService {
             async move { Ok::<_, Infallible>(handle(app, req).await) }
         });
     BoxCloneService::new(svc)
+}
+
+/// Request ids in OpenAI's style, `req_` and 32 hex digits of randomness, built without
+/// formatting machinery (one per request).
+#[derive(Clone, Copy)]
+struct NewRequestId;
+
+impl MakeRequestId for NewRequestId {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let mut id = *b"req_00000000000000000000000000000000";
+        let random: [u8; 16] = rand::random();
+        hex::encode_to_slice(random, &mut id[4..]).ok()?;
+        HeaderValue::from_bytes(&id).ok().map(RequestId::new)
+    }
 }
 
 /// What the metrics say about one request.

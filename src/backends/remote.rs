@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Method, Request, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, header};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::Client;
@@ -19,6 +19,8 @@ use crate::error::Error;
 use crate::openai::Endpoint;
 
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers of an upstream answer that the client should see.
 const RELAYED: &[&str] = &[
@@ -149,21 +151,20 @@ impl EndpointUris {
 
 impl Remote {
     async fn call(&self, req: BackendRequest) -> Result<BackendResponse, Error> {
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(self.uris.get(req.endpoint))
-            .header(header::CONTENT_TYPE, req.content_type)
-            .header(header::USER_AGENT, "fuke/0.1")
-            .header("x-request-id", req.request_id);
+        let mut request = Request::new(req.body);
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.uris.get(req.endpoint);
+        let headers = request.headers_mut();
+        headers.reserve(5);
+        headers.insert(header::CONTENT_TYPE, req.content_type);
+        headers.insert(header::USER_AGENT, HeaderValue::from_static("fuke/0.1"));
+        headers.insert(X_REQUEST_ID, req.request_id);
         if let Some(len) = req.content_length {
-            builder = builder.header(header::CONTENT_LENGTH, len);
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
         if let Some(key) = &self.api_key {
-            builder = builder.header(header::AUTHORIZATION, key.clone());
+            headers.insert(header::AUTHORIZATION, key.clone());
         }
-        let request = builder
-            .body(req.body)
-            .map_err(|e| Error::Internal(format!("building upstream request: {e}")))?;
 
         let response = tokio::time::timeout(self.first_byte_timeout, self.client.request(request))
             .await
@@ -188,9 +189,9 @@ impl Remote {
 
         let (parts, body) = response.into_parts();
         let mut headers = HeaderMap::new();
-        for name in RELAYED {
-            if let Some(v) = parts.headers.get(*name) {
-                headers.insert(*name, v.clone());
+        for (name, value) in &parts.headers {
+            if RELAYED.contains(&name.as_str()) {
+                headers.append(name.clone(), value.clone());
             }
         }
         Ok(BackendResponse {
