@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use std::panic::AssertUnwindSafe;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneService;
-use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -105,17 +105,20 @@ pub fn service(app: Arc<App>) -> HttpService {
         // Every response, even a panic's, carries x-request-id (the caller's, or a new `req_<hex>`).
         .layer(SetRequestIdLayer::x_request_id(NewRequestId))
         .layer(PropagateRequestIdLayer::x_request_id())
-        // Back to our body type (catch-panic wraps bodies in its own box type).
-        .map_response(|resp: Response<_>| resp.map(BodyExt::boxed_unsync))
-        // A bug in one request becomes a 500 for that request, not a dead connection.
-        .layer(CatchPanicLayer::custom(
-            |_panic: Box<dyn std::any::Any + Send>| {
-                Error::Internal("handler panicked".into()).into_response()
-            },
-        ))
+        // A bug in one request becomes a 500 for that request, not a dead connection. Done
+        // here rather than with tower-http's CatchPanicLayer, which re-boxes every response
+        // body (two extra dynamic calls per SSE frame).
         .service_fn(move |req| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(app, req).await) }
+            async move {
+                let resp = AssertUnwindSafe(handle(app, req))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_panic| {
+                        Error::Internal("handler panicked".into()).into_response()
+                    });
+                Ok::<_, Infallible>(resp)
+            }
         });
     BoxCloneService::new(svc)
 }

@@ -3,8 +3,11 @@
 //! with `data: [DONE]` held until the usage event is recorded.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
+
+use tokio::time::{Instant, Sleep};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderValue, Response, header};
@@ -37,7 +40,7 @@ pub struct Meter {
     pub model_alias: Arc<str>,
     pub upstream_model: String,
     pub backend: String,
-    pub started: Instant,
+    pub started: std::time::Instant,
     pub streamed: bool,
 }
 
@@ -97,6 +100,8 @@ pub async fn relay(
             scanner: SseScanner::new(strip_usage_chunk),
             queue: VecDeque::new(),
             idle: answer.idle_timeout,
+            idle_timer: Box::pin(tokio::time::sleep(answer.idle_timeout)),
+            last_frame: Instant::now(),
             phase: Phase::Streaming,
             meter: Some(meter),
             status: status.as_u16(),
@@ -183,11 +188,16 @@ enum Phase {
     Finished,
 }
 
+/// No frame within the idle timeout.
+struct Silent;
+
 struct SseRelay {
     upstream: Body,
     scanner: SseScanner,
     queue: VecDeque<Bytes>,
     idle: std::time::Duration,
+    idle_timer: Pin<Box<Sleep>>,
+    last_frame: Instant,
     phase: Phase,
     /// Present until the usage event is recorded.
     meter: Option<Meter>,
@@ -217,8 +227,8 @@ impl SseRelay {
                 }
                 Phase::Streaming => {}
             }
-            let frame = match tokio::time::timeout(self.idle, self.upstream.frame()).await {
-                Err(_) => {
+            let frame = match self.next_frame().await {
+                Err(Silent) => {
                     self.fail("upstream went silent mid-stream").await;
                     continue;
                 }
@@ -235,12 +245,10 @@ impl SseRelay {
             let Ok(data) = frame.into_data() else {
                 continue; // trailers carry nothing for the client
             };
-            let mut out = Vec::with_capacity(1);
-            if let Err(e) = self.scanner.feed(data, &mut out) {
+            if let Err(e) = self.scanner.feed(data, &mut self.queue) {
                 self.fail(&e.to_string()).await;
                 continue;
             }
-            self.queue.extend(out);
             if self.scanner.is_done() {
                 if let Some(meter) = self.meter.take() {
                     meter
@@ -251,6 +259,27 @@ impl SseRelay {
                     self.queue.push_back(done);
                 }
                 self.phase = Phase::Draining;
+            }
+        }
+    }
+
+    /// The next upstream frame, or `Silent` after `idle` without one. The timer is re-armed only
+    /// when it fires, not per frame: a frame just records when it came.
+    async fn next_frame(&mut self) -> Result<Option<Result<Frame<Bytes>, BoxError>>, Silent> {
+        loop {
+            tokio::select! {
+                biased;
+                frame = self.upstream.frame() => {
+                    self.last_frame = Instant::now();
+                    return Ok(frame);
+                }
+                () = &mut self.idle_timer => {
+                    let deadline = self.last_frame + self.idle;
+                    if Instant::now() >= deadline {
+                        return Err(Silent);
+                    }
+                    self.idle_timer.as_mut().reset(deadline);
+                }
             }
         }
     }

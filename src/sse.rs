@@ -88,7 +88,7 @@ impl SseScanner {
     }
 
     /// Scans one upstream frame and pushes what may be released now onto `out`.
-    pub fn feed(&mut self, frame: Bytes, out: &mut Vec<Bytes>) -> Result<(), SseError> {
+    pub fn feed(&mut self, frame: Bytes, out: &mut impl Extend<Bytes>) -> Result<(), SseError> {
         if self.done {
             // Nothing valid follows `[DONE]`; keep it away from the client.
             return Ok(());
@@ -123,14 +123,14 @@ impl SseScanner {
                 EventKind::Plain => {}
                 EventKind::UsageOnly if self.strip_usage_chunk => {
                     if event_start > run_start {
-                        out.push(data.slice(run_start..event_start));
+                        out.extend([data.slice(run_start..event_start)]);
                     }
                     run_start = line_start;
                 }
                 EventKind::UsageOnly => {}
                 EventKind::Done => {
                     if event_start > run_start {
-                        out.push(data.slice(run_start..event_start));
+                        out.extend([data.slice(run_start..event_start)]);
                     }
                     self.done = true;
                     self.held = Some(data.slice(event_start..));
@@ -141,7 +141,7 @@ impl SseScanner {
         }
 
         if event_start > run_start {
-            out.push(data.slice(run_start..event_start));
+            out.extend([data.slice(run_start..event_start)]);
         }
         if event_start < data.len() {
             let rest = data.len() - event_start;

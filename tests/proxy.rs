@@ -451,6 +451,35 @@ async fn stream_cut_by_upstream_ends_with_an_error_event() {
 }
 
 #[tokio::test]
+async fn stream_that_goes_silent_is_ended_after_the_idle_timeout() {
+    let (_up, gw, c) = setup().await;
+    // `stall` sends two chunks, then nothing; its upstream's idle timeout is 400 ms.
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        post(
+            &c,
+            &gw.url(CHAT),
+            KEY_ACME,
+            r#"{"model":"stall","stream":true,"messages":[{"role":"user","content":"a b c"}]}"#,
+        ),
+    )
+    .await
+    .expect("silent upstream held the client");
+    let text = r.text();
+    assert_eq!(text.matches("chat.completion.chunk").count(), 2, "{text}");
+    assert!(!text.contains("[DONE]"));
+    assert!(
+        text.trim_end().ends_with(r#""code":"upstream_error"}}"#),
+        "{text}"
+    );
+    let ev = gw
+        .sink
+        .wait_for(r.headers["x-request-id"].to_str().unwrap())
+        .await;
+    assert_eq!(ev.outcome, fuke::metering::Outcome::UpstreamFailed);
+}
+
+#[tokio::test]
 async fn stream_without_upstream_usage_is_recorded_as_missing_not_estimated() {
     let (_up, gw, c) = setup().await;
     let r = post(

@@ -78,6 +78,9 @@ pub fn policy_yaml(base_url: &str) -> String {
     base_url: {base_url}
     first_byte_timeout_ms: 1500
     idle_timeout_ms: 3000
+  test-quick:
+    base_url: {base_url}
+    idle_timeout_ms: 400
 models:
   gpt-test: {{ upstream: test, model: echo-model }}
   slow: {{ upstream: test }}
@@ -85,6 +88,7 @@ models:
   drop: {{ upstream: test }}
   no-usage: {{ upstream: test }}
   linger: {{ upstream: test }}
+  stall: {{ upstream: test-quick }}
   fail-400: {{ upstream: test }}
   fail-500: {{ upstream: test }}
   fail-429: {{ upstream: test }}
@@ -92,7 +96,7 @@ models:
   whisper-1: {{ upstream: test }}
 tenants:
   acme:
-    models: [gpt-test, slow, hang, drop, no-usage, linger, fail-400, fail-500, fail-429, whisper-1]
+    models: [gpt-test, slow, hang, drop, no-usage, linger, stall, fail-400, fail-500, fail-429, whisper-1]
     keys:
       - {{ id: acme-key, sha256: {acme} }}
   globex:

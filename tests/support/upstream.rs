@@ -7,6 +7,7 @@
 //! - `drop`: SSE, two chunks, then the connection is cut
 //! - `no-usage`: SSE without a usage chunk even when asked
 //! - `linger`: SSE that stays open after `data: [DONE]` until the reader leaves
+//! - `stall`: SSE, two chunks, then silence with the connection open
 //! - `fail-400`, `fail-500`, `fail-429`: OpenAI-shaped errors with those statuses
 //!
 //! It records every request body it receives, counts streams cut short by the client, and can
@@ -279,10 +280,14 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body
     };
     let drop_after = if model == "drop" { Some(2) } else { None };
     let linger = model == "linger";
+    let stall_after = if model == "stall" { Some(2) } else { None };
     let st2 = st.clone();
     tokio::spawn(async move {
         let mut sent = Vec::new();
         for (i, ev) in events.into_iter().enumerate() {
+            if stall_after == Some(i) {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
             if drop_after == Some(i) {
                 // Let what was sent reach the wire, then die like a crashed server.
                 tokio::time::sleep(Duration::from_millis(50)).await;
