@@ -251,3 +251,63 @@ fn keygen_prints_a_key_whose_hash_is_the_policy_line() {
         "the key itself must not be in the policy line"
     );
 }
+
+#[test]
+fn certs_dev_writes_a_usable_set_and_check_accepts_a_tls_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let out = fuke()
+        .args(["certs", "dev", "--dir"])
+        .arg(p.join("certs"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "client.pem",
+        "client.key",
+    ] {
+        let text = std::fs::read_to_string(p.join("certs").join(f)).unwrap();
+        assert!(text.starts_with("-----BEGIN "), "{f}");
+    }
+    std::fs::create_dir_all(p.join("policies")).unwrap();
+    std::fs::write(
+        p.join("policies/a.yaml"),
+        "upstreams:\n  up:\n    base_url: http://127.0.0.1:9/v1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("fuke.yaml"),
+        "listeners:\n  - addr: 127.0.0.1:0\n    tls: { cert: certs/server.pem, key: certs/server.key, client_ca: certs/ca.pem }\n",
+    )
+    .unwrap();
+    let out = fuke()
+        .arg("check")
+        .arg("-c")
+        .arg(p.join("fuke.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A key that does not belong to the certificate is caught by `fuke check`.
+    std::fs::copy(p.join("certs/client.key"), p.join("certs/server.key")).unwrap();
+    let out = fuke()
+        .arg("check")
+        .arg("-c")
+        .arg(p.join("fuke.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("do not match"));
+}
