@@ -2,7 +2,8 @@
 # Load test: the same upstream called directly, through a minimal hyper proxy (the baseline),
 # and through Fuke (auth, policy, metering and usage log on), in one run; JSON and SSE at
 # concurrency 16 and 64; and the gateway's RSS while it holds N slow streams (on the fresh
-# process, and again after the load runs); and latency on one connection (no queueing).
+# process, and again after the load runs); latency on one connection (no queueing); and latency
+# at concurrency 16 under a fixed request rate below saturation.
 #   benches/load.sh [seconds per run, default 10] [slow streams, default 1000]
 # Needs wrk (apt-get install wrk). Everything listens on 127.0.0.1 only.
 set -euo pipefail
@@ -11,7 +12,7 @@ secs="${1:-10}"
 streams="${2:-1000}"
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install -y wrk" >&2; exit 1; }
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
-cargo build --release --quiet --bin fuke --example echo_upstream --example baseline_proxy --example slow_streams
+cargo build --release --quiet --bin fuke --example echo_upstream --example baseline_proxy --example slow_streams --example fixed_rate
 ulimit -n 65536 2>/dev/null || true
 
 work=$(mktemp -d)
@@ -92,6 +93,17 @@ lat() {
 printf '\n%-5s %-26s %-26s %-26s\n' mode "direct p50/p99 ms" "baseline p50/p99 ms" "fuke p50/p99 ms"
 for mode in json sse; do
   printf '%-5s %-26s %-26s %-26s\n' "$mode" "$(lat $UP $mode)" "$(lat $BASE $mode)" "$(lat $FUKE $mode)"
+done
+
+# Added latency at concurrency 16 without saturation: open loop at a fixed rate (see
+# benches/fixed_rate.rs), well below every path's capacity.
+echo
+for run in "json 5000" "sse 2000"; do
+  set -- $run
+  for target in "direct $UP" "baseline $BASE" "fuke $FUKE"; do
+    set -- $run $target
+    echo "fixed-rate $1 $3: $(target/release/examples/fixed_rate "http://$4/v1/chat/completions" "$key" "$1" "$2" "$secs" 16)"
+  done
 done
 
 echo "usage events logged: $(grep -c 'fuke::usage' "$work/fuke.log" || true)"
