@@ -52,7 +52,10 @@ async fn main() {
             };
             drop(permit);
             if ok {
-                samples.lock().await.push(scheduled.elapsed().as_micros() as u32);
+                samples
+                    .lock()
+                    .await
+                    .push(scheduled.elapsed().as_micros() as u32);
             } else {
                 errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
