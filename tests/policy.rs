@@ -5,13 +5,13 @@ mod support;
 
 use std::process::Command;
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use support::*;
 
 const CHAT: &str = "/v1/chat/completions";
 
 async fn model_ids(c: &TestClient, gw: &Gateway, key: &str) -> Vec<String> {
-    let r = send(c, Method::GET, &gw.url("/v1/models"), Some(key), &[], "").await;
+    let r = get(c, &gw.url("/v1/models"), Some(key)).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     r.json()["data"]
         .as_array()
@@ -68,9 +68,7 @@ async fn valid_change_applies_and_broken_file_is_rejected_while_serving() {
     )
     .unwrap();
     eventually("the broken edit to be rejected", || async {
-        let m = send(&c, Method::GET, &gw.url("/metrics"), None, &[], "")
-            .await
-            .text();
+        let m = get(&c, &gw.url("/metrics"), None).await.text();
         m.contains(r#"fuke_policy_reloads_total{result="rejected"}"#)
     })
     .await;

@@ -176,15 +176,7 @@ async fn audio_transcription_multipart_is_relayed_unchanged() {
 #[tokio::test]
 async fn models_lists_only_the_tenants_aliases() {
     let (_up, gw, c) = setup().await;
-    let r = send(
-        &c,
-        Method::GET,
-        &gw.url("/v1/models"),
-        Some(KEY_GLOBEX),
-        &[],
-        "",
-    )
-    .await;
+    let r = get(&c, &gw.url("/v1/models"), Some(KEY_GLOBEX)).await;
     assert_eq!(r.status, StatusCode::OK);
     let v = r.json();
     assert_eq!(v["object"], "list");
@@ -196,29 +188,13 @@ async fn models_lists_only_the_tenants_aliases() {
         .collect();
     assert_eq!(ids, vec!["secret-model"]);
 
-    let r = send(
-        &c,
-        Method::GET,
-        &gw.url("/v1/models/secret-model"),
-        Some(KEY_GLOBEX),
-        &[],
-        "",
-    )
-    .await;
+    let r = get(&c, &gw.url("/v1/models/secret-model"), Some(KEY_GLOBEX)).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["id"], "secret-model");
     assert_eq!(r.json()["object"], "model");
 
     // acme may not see globex's model, and cannot tell it exists.
-    let r = send(
-        &c,
-        Method::GET,
-        &gw.url("/v1/models/secret-model"),
-        Some(KEY_ACME),
-        &[],
-        "",
-    )
-    .await;
+    let r = get(&c, &gw.url("/v1/models/secret-model"), Some(KEY_ACME)).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.openai_error()["code"], "model_not_found");
 }
@@ -304,18 +280,10 @@ async fn client_errors_have_openai_shape_and_status() {
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(r.openai_error()["code"], "request_too_large");
 
-    let r = send(
-        &c,
-        Method::GET,
-        &gw.url("/v1/nothing"),
-        Some(KEY_ACME),
-        &[],
-        "",
-    )
-    .await;
+    let r = get(&c, &gw.url("/v1/nothing"), Some(KEY_ACME)).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     r.openai_error();
-    let r = send(&c, Method::GET, &url, Some(KEY_ACME), &[], "").await;
+    let r = get(&c, &url, Some(KEY_ACME)).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     r.openai_error();
 
@@ -547,9 +515,9 @@ async fn client_disconnect_cancels_the_upstream_request() {
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let (_up, gw, c) = setup().await;
-    let r = send(&c, Method::GET, &gw.url("/healthz"), None, &[], "").await;
+    let r = get(&c, &gw.url("/healthz"), None).await;
     assert_eq!(r.status, StatusCode::OK);
-    let r = send(&c, Method::GET, &gw.url("/readyz"), None, &[], "").await;
+    let r = get(&c, &gw.url("/readyz"), None).await;
     assert_eq!(r.status, StatusCode::OK);
     let ok = post(
         &c,
@@ -568,9 +536,7 @@ async fn health_readiness_and_metrics() {
         r#"{"model":"fail-500","messages":[{"role":"user","content":"x"}]}"#,
     )
     .await;
-    let m = send(&c, Method::GET, &gw.url("/metrics"), None, &[], "")
-        .await
-        .text();
+    let m = get(&c, &gw.url("/metrics"), None).await.text();
     assert!(m.contains(r#"fuke_requests_total{tenant="acme",model="gpt-test",endpoint="chat.completions",status="200"} 1"#), "{m}");
     assert!(
         m.contains(r#"fuke_upstream_responses_total{upstream="test",status="500"} 1"#),

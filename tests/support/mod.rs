@@ -254,6 +254,10 @@ pub async fn send(
     }
 }
 
+pub async fn get(client: &TestClient, url: &str, key: Option<&str>) -> Reply {
+    send(client, Method::GET, url, key, &[], Bytes::new()).await
+}
+
 pub async fn post(client: &TestClient, url: &str, key: &str, body: &str) -> Reply {
     send(
         client,
