@@ -139,18 +139,21 @@ fn keygen(tenant: &str, id: Option<String>, role: &str) -> anyhow::Result<()> {
 
 fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path).map_err(|p| anyhow::anyhow!("{p}"))?;
-    let _log_flush = telemetry::init_logging(config.log_format == LogFormat::Json);
+    let (log_writer, _log_flush) = telemetry::init_logging(config.log_format == LogFormat::Json);
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(serve_async(config))
+    runtime.block_on(serve_async(config, log_writer))
 }
 
-async fn serve_async(config: Config) -> anyhow::Result<()> {
+async fn serve_async(
+    config: Config,
+    log_writer: tracing_appender::non_blocking::NonBlocking,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let clients = Arc::new(ClientPool::default());
     let policy = Arc::new(
         PolicyStore::open(&config.policies_dir, clients).map_err(|p| anyhow::anyhow!("{p}"))?,
     );
-    let sink = Arc::new(LogSink);
+    let sink = Arc::new(LogSink::new(log_writer));
     let app = App::new(
         policy.clone(),
         sink,

@@ -194,9 +194,14 @@ impl Metrics {
 
 /// Installs the global `tracing` subscriber (`RUST_LOG` filters; default `info`). Lines are
 /// written by a background thread so a request never waits on stderr; the writer blocks rather
-/// than drops when it falls behind (usage lines must not vanish). Keep the guard until exit: it
-/// flushes what is queued.
-pub fn init_logging(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
+/// than drops when it falls behind (usage lines must not vanish). The writer is returned for the
+/// usage lines too. Keep the guard until exit: it flushes what is queued.
+pub fn init_logging(
+    json: bool,
+) -> (
+    tracing_appender::non_blocking::NonBlocking,
+    tracing_appender::non_blocking::WorkerGuard,
+) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -209,12 +214,12 @@ pub fn init_logging(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(writer.clone())
         .with_ansi(std::io::stderr().is_terminal());
     let _ = if json {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
-    guard
+    (writer, guard)
 }

@@ -84,9 +84,15 @@ async fn serve_then_sigterm_drains_the_open_stream() {
     assert!(exit.success(), "fuke exited with {exit}");
     // The usage line of the drained request was written before exit, and no key leaked.
     let logs: Vec<String> = rx.try_iter().collect();
+    let usage: Vec<serde_json::Value> = logs
+        .iter()
+        .filter(|l| l.starts_with(r#"{"usage":"#))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(
-        logs.iter()
-            .any(|l| l.contains("fuke::usage") && l.contains("\"model\":\"slow\"")),
+        usage.iter().any(|u| u["usage"]["model"] == "slow"
+            && u["usage"]["outcome"] == "completed"
+            && u["usage"]["completion_tokens"] == 150),
         "{logs:?}"
     );
     assert!(logs.iter().all(|l| !l.contains(KEY_ACME)));

@@ -117,7 +117,7 @@ async fn kubernetes_style_symlink_swap_is_seen() {
     let store = fuke::policy::PolicyStore::open(&mount, Default::default()).unwrap();
     let app = fuke::app::App::new(
         std::sync::Arc::new(store),
-        std::sync::Arc::new(fuke::metering::LogSink),
+        std::sync::Arc::new(fuke::metering::LogSink::new(std::io::sink())),
         Default::default(),
         Default::default(),
     );
