@@ -106,6 +106,6 @@ for run in "json 5000" "sse 2000"; do
   done
 done
 
-echo "usage events logged: $(grep -c 'fuke::usage' "$work/fuke.log" || true)"
+echo "usage lines logged: $(grep -c '^{"usage":' "$work/fuke.log" || true)"
 echo "slow streams after the load runs:"
 target/release/examples/slow_streams "http://$FUKE/v1/chat/completions" "$key" "$streams" "$fuke_pid"
