@@ -253,3 +253,81 @@ impl Error {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_status_and_body_shape() {
+        let cases = [
+            (
+                Error::InvalidApiKey { provided: true },
+                401,
+                ErrorSource::Client,
+                false,
+            ),
+            (
+                Error::ModelNotFound { model: "m".into() },
+                404,
+                ErrorSource::Client,
+                false,
+            ),
+            (
+                Error::BodyTooLarge { limit: 1 },
+                413,
+                ErrorSource::Client,
+                false,
+            ),
+            (
+                Error::UpstreamConnect {
+                    upstream: "u".into(),
+                    detail: "10.0.0.7:443 refused".into(),
+                },
+                502,
+                ErrorSource::Upstream,
+                true,
+            ),
+            (
+                Error::UpstreamTimeout {
+                    upstream: "u".into(),
+                    after_ms: 5,
+                },
+                504,
+                ErrorSource::Upstream,
+                true,
+            ),
+            (
+                Error::Internal("secret detail".into()),
+                500,
+                ErrorSource::Internal,
+                false,
+            ),
+        ];
+        for (err, status, source, retryable) in cases {
+            assert_eq!(err.status().as_u16(), status, "{err}");
+            assert_eq!(err.source_kind(), source, "{err}");
+            assert_eq!(err.is_retryable(), retryable, "{err}");
+            let body: serde_json::Value = serde_json::from_slice(&err.body_bytes()).unwrap();
+            let e = &body["error"];
+            assert!(e["message"].is_string() && e["type"].is_string(), "{body}");
+            assert!(
+                e.get("param").is_some() && e.get("code").is_some(),
+                "{body}"
+            );
+            // Internal details (addresses, messages) never reach the client.
+            let text = body.to_string();
+            assert!(
+                !text.contains("10.0.0.7") && !text.contains("secret detail"),
+                "{text}"
+            );
+        }
+        let resp = Error::RateLimited {
+            message: "slow down".into(),
+            retry_after_secs: 7,
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
+    }
+}

@@ -29,7 +29,6 @@ pub struct SseScanner {
     done: bool,
     /// `data: [DONE]` and whatever followed it in its frame, released only after metering.
     held: Option<Bytes>,
-    events: u64,
 }
 
 /// What one complete event is, as far as the gateway cares.
@@ -52,7 +51,6 @@ impl SseScanner {
             usage: None,
             done: false,
             held: None,
-            events: 0,
         }
     }
 
@@ -71,20 +69,10 @@ impl SseScanner {
         self.done
     }
 
-    /// Number of complete events seen (the `[DONE]` event included).
-    pub fn events(&self) -> u64 {
-        self.events
-    }
-
     /// The `[DONE]` event (and anything after it in its frame), held back until the caller has
     /// metered the request.
     pub fn take_held(&mut self) -> Option<Bytes> {
         self.held.take()
-    }
-
-    /// Bytes of an unterminated event left when the upstream closed.
-    pub fn unterminated(&self) -> usize {
-        self.pending.len()
     }
 
     /// Scans one upstream frame and pushes what may be released now onto `out`.
@@ -118,7 +106,6 @@ impl SseScanner {
                 continue;
             }
             let event = &data[event_start..line_start];
-            self.events += 1;
             match self.classify(event) {
                 EventKind::Plain => {}
                 EventKind::UsageOnly if self.strip_usage_chunk => {

@@ -74,10 +74,6 @@ impl Policy {
         self.tenants.get(name)
     }
 
-    pub fn model(&self, alias: &str) -> Option<&ModelRoute> {
-        self.models.get(alias)
-    }
-
     /// The route for `alias` if `tenant` may use it; the error says which of the two failed.
     pub fn route_for(&self, tenant: &Tenant, alias: &str) -> Result<&ModelRoute, RouteRefusal> {
         let route = self.models.get(alias).ok_or(RouteRefusal::Unknown)?;
@@ -90,10 +86,6 @@ impl Policy {
         } else {
             Err(RouteRefusal::NotAllowed)
         }
-    }
-
-    pub fn tenant_count(&self) -> usize {
-        self.tenants.len()
     }
 }
 

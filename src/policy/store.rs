@@ -37,10 +37,6 @@ impl PolicyStore {
         self.current.load_full()
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Reads the directory again; swaps only if every file is valid.
     pub fn reload(&self) -> Result<u64, Problems> {
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
