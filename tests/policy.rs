@@ -142,6 +142,16 @@ fn fuke() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fuke"))
 }
 
+/// `fuke check -c DIR/fuke.yaml`.
+fn check(dir: &std::path::Path) -> std::process::Output {
+    fuke()
+        .arg("check")
+        .arg("-c")
+        .arg(dir.join("fuke.yaml"))
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_lists_every_problem_with_file_line_and_key_path() {
     let dir = tempfile::tempdir().unwrap();
@@ -163,12 +173,7 @@ fn check_lists_every_problem_with_file_line_and_key_path() {
     )
     .unwrap();
 
-    let out = fuke()
-        .arg("check")
-        .arg("-c")
-        .arg(p.join("fuke.yaml"))
-        .output()
-        .unwrap();
+    let out = check(p);
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     let a = p.join("policies/a.yaml").display().to_string();
@@ -190,12 +195,7 @@ fn check_lists_every_problem_with_file_line_and_key_path() {
     )
     .unwrap();
     std::fs::remove_file(p.join("policies/b.yaml")).unwrap();
-    let out = fuke()
-        .arg("check")
-        .arg("-c")
-        .arg(p.join("fuke.yaml"))
-        .output()
-        .unwrap();
+    let out = check(p);
     assert!(
         out.status.success(),
         "{}",
@@ -212,12 +212,7 @@ fn check_reports_config_problems_and_missing_certificates() {
         "listeners:\n  - addr: nowhere\n  - addr: 0.0.0.0:8443\n    tls: { cert: certs/none.pem, key: certs/none.key }\n  - addr: 127.0.0.1:8080\n",
     )
     .unwrap();
-    let out = fuke()
-        .arg("check")
-        .arg("-c")
-        .arg(p.join("fuke.yaml"))
-        .output()
-        .unwrap();
+    let out = check(p);
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(
@@ -286,12 +281,7 @@ fn certs_dev_writes_a_usable_set_and_check_accepts_a_tls_listener() {
         "listeners:\n  - addr: 127.0.0.1:0\n    tls: { cert: certs/server.pem, key: certs/server.key, client_ca: certs/ca.pem }\n",
     )
     .unwrap();
-    let out = fuke()
-        .arg("check")
-        .arg("-c")
-        .arg(p.join("fuke.yaml"))
-        .output()
-        .unwrap();
+    let out = check(p);
     assert!(
         out.status.success(),
         "{}",
@@ -300,12 +290,7 @@ fn certs_dev_writes_a_usable_set_and_check_accepts_a_tls_listener() {
 
     // A key that does not belong to the certificate is caught by `fuke check`.
     std::fs::copy(p.join("certs/client.key"), p.join("certs/server.key")).unwrap();
-    let out = fuke()
-        .arg("check")
-        .arg("-c")
-        .arg(p.join("fuke.yaml"))
-        .output()
-        .unwrap();
+    let out = check(p);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("do not match"));
 }
