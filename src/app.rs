@@ -271,9 +271,16 @@ async fn dispatch(
     let Some(endpoint) = endpoint else {
         return Err(Error::Internal("unreachable route".into()));
     };
-    let (resp, model) = proxy::model_call(app.clone(), policy, principal, endpoint, req).await;
-    labels.model = model;
-    resp
+    proxy::model_call(
+        app,
+        &policy,
+        &principal,
+        tenant,
+        endpoint,
+        req,
+        &mut labels.model,
+    )
+    .await
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

@@ -70,34 +70,17 @@ fn declared_length(req: &Request<Incoming>) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// POST to a model endpoint.
-///
-/// Takes its state by value (owned `Arc`s) so the future is `Send` for any caller. Returns the
-/// alias served, for the metrics labels, beside the response.
+/// POST to a model endpoint, under the policy version and tenant the caller pinned.
 pub async fn model_call(
-    app: Arc<App>,
-    policy: Arc<Policy>,
-    principal: Principal,
-    endpoint: Endpoint,
-    req: Request<Incoming>,
-) -> (Result<Response<Body>, Error>, Option<Arc<str>>) {
-    let mut model_label = None;
-    let result = model_call_inner(&app, &policy, &principal, endpoint, req, &mut model_label).await;
-    (result, model_label)
-}
-
-async fn model_call_inner(
     app: &App,
     policy: &Policy,
     principal: &Principal,
+    tenant: &Tenant,
     endpoint: Endpoint,
     req: Request<Incoming>,
     model_label: &mut Option<Arc<str>>,
 ) -> Result<Response<Body>, Error> {
     let started = Instant::now();
-    let tenant = policy
-        .tenant(&principal.tenant)
-        .ok_or_else(|| Error::Internal("key without tenant".into()))?;
     let request_id = req
         .headers()
         .get("x-request-id")
@@ -113,11 +96,12 @@ async fn model_call_inner(
         return Err(Error::BodyTooLarge { limit });
     }
 
-    let (alias, upstream_body, content_type, content_length, stream, include_usage) =
+    // Each body kind yields its route once: the alias is only known after reading the body.
+    let (route, upstream_body, content_type, content_length, stream, include_usage) =
         if endpoint == Endpoint::AudioTranscriptions {
             let upload = read_multipart_head(req, limit).await?;
             (
-                upload.model,
+                route(policy, tenant, &upload.model)?,
                 upload.body,
                 upload.content_type,
                 upload.length,
@@ -131,7 +115,7 @@ async fn model_call_inner(
             let out = parsed.upstream_body(&route.upstream_model);
             let len = out.len() as u64;
             (
-                parsed.model.clone(),
+                route,
                 body::full(out),
                 HeaderValue::from_static("application/json"),
                 Some(len),
@@ -139,7 +123,6 @@ async fn model_call_inner(
                 parsed.include_usage,
             )
         };
-    let route = route(policy, tenant, &alias)?;
     *model_label = Some(route.alias.clone());
 
     let meter = Meter {
