@@ -87,20 +87,23 @@ pub async fn relay(
     meter: Meter,
     strip_usage_chunk: bool,
 ) -> Result<Response<Body>, Error> {
-    let is_sse = answer
-        .headers
+    let BackendResponse {
+        status,
+        headers,
+        body: upstream,
+        idle_timeout,
+    } = answer;
+    let is_sse = headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let status = answer.status;
-    let headers = answer.headers.clone();
 
     let body = if is_sse && status.is_success() {
         let relay = SseRelay {
-            upstream: answer.body,
+            upstream,
             scanner: SseScanner::new(strip_usage_chunk),
             queue: VecDeque::new(),
-            idle: answer.idle_timeout,
-            idle_timer: Box::pin(tokio::time::sleep(answer.idle_timeout)),
+            idle: idle_timeout,
+            idle_timer: Box::pin(tokio::time::sleep(idle_timeout)),
             last_frame: Instant::now(),
             phase: Phase::Streaming,
             meter: Some(meter),
@@ -111,7 +114,7 @@ pub async fn relay(
         });
         StreamBody::new(stream).boxed_unsync()
     } else {
-        let bytes = read_answer(answer.body, answer.idle_timeout, &meter).await?;
+        let bytes = read_answer(upstream, idle_timeout, &meter).await?;
         let usage = if status.is_success() {
             usage_of_response(&bytes)
         } else {
