@@ -7,9 +7,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::StatusCode;
+use http_body_util::BodyExt;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,12 +53,7 @@ async fn serve_then_sigterm_drains_the_open_stream() {
     };
 
     let c = client();
-    let req = Request::post(format!("http://{addr}/v1/chat/completions"))
-        .header("authorization", format!("Bearer {KEY_ACME}"))
-        .body(Full::new(Bytes::from_static(
-            br#"{"model":"slow","stream":true,"messages":[{"role":"user","content":"go"}]}"#,
-        )))
-        .unwrap();
+    let req = slow_stream_request(&format!("http://{addr}"));
     let resp = c.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();

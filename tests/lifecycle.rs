@@ -17,14 +17,7 @@ async fn shutdown_drains_an_open_stream_and_turns_readiness_red() {
     let up = Upstream::start().await;
     let mut gw = Gateway::start(&policy_yaml(&up.base_url())).await;
     let c = client();
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(gw.url("/v1/chat/completions"))
-        .header("authorization", format!("Bearer {KEY_ACME}"))
-        .body(Full::new(Bytes::from_static(
-            br#"{"model":"slow","stream":true,"messages":[{"role":"user","content":"go"}]}"#,
-        )))
-        .unwrap();
+    let req = slow_stream_request(&gw.url(""));
     let resp = c.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();

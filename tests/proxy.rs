@@ -91,10 +91,7 @@ async fn stream_without_include_usage_drops_only_the_usage_chunk() {
     assert_eq!(r.text(), expected);
     assert!(r.text().ends_with("data: [DONE]\n\n"));
 
-    let ev = gw
-        .sink
-        .wait_for(r.headers["x-request-id"].to_str().unwrap())
-        .await;
+    let ev = gw.usage_of(&r).await;
     assert!(ev.streamed);
     assert_eq!(ev.usage.unwrap().prompt_tokens, 3);
     assert_eq!(ev.usage.unwrap().completion_tokens, 4);
@@ -109,10 +106,7 @@ async fn stream_with_include_usage_is_passed_through_unchanged() {
     let upstream_bytes = up.state.last_stream.lock().unwrap().clone();
     assert_eq!(r.body.as_ref(), upstream_bytes.as_slice());
     assert!(r.text().contains("\"choices\":[],\"usage\":{"));
-    let ev = gw
-        .sink
-        .wait_for(r.headers["x-request-id"].to_str().unwrap())
-        .await;
+    let ev = gw.usage_of(&r).await;
     assert_eq!(ev.usage.unwrap().total_tokens, 2 + 3);
 }
 
@@ -141,10 +135,7 @@ async fn completions_stream_and_embeddings_route_the_same_way() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(up.last_received().path, "/v1/embeddings");
     assert_eq!(r.json()["data"].as_array().unwrap().len(), 2);
-    let ev = gw
-        .sink
-        .wait_for(r.headers["x-request-id"].to_str().unwrap())
-        .await;
+    let ev = gw.usage_of(&r).await;
     assert_eq!(ev.usage.unwrap().prompt_tokens, 3);
 }
 
@@ -334,10 +325,7 @@ async fn upstream_errors_pass_through_with_status_and_body() {
         if status == StatusCode::TOO_MANY_REQUESTS {
             assert_eq!(r.headers["retry-after"], "7");
         }
-        let ev = gw
-            .sink
-            .wait_for(r.headers["x-request-id"].to_str().unwrap())
-            .await;
+        let ev = gw.usage_of(&r).await;
         assert_eq!(ev.status, status.as_u16());
     }
 }
@@ -383,10 +371,7 @@ async fn unreachable_upstream_is_502_and_hung_upstream_is_504() {
     .await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(r.openai_error()["code"], "upstream_timeout");
-    let ev = gw
-        .sink
-        .wait_for(r.headers["x-request-id"].to_str().unwrap())
-        .await;
+    let ev = gw.usage_of(&r).await;
     assert_eq!(ev.status, 504);
 }
 
@@ -411,10 +396,7 @@ async fn stream_cut_by_upstream_ends_with_an_error_event() {
     let err: serde_json::Value =
         serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(err["error"]["code"], "upstream_error");
-    let ev = gw
-        .sink
-        .wait_for(r.headers["x-request-id"].to_str().unwrap())
-        .await;
+    let ev = gw.usage_of(&r).await;
     assert_eq!(ev.outcome, fuke::metering::Outcome::UpstreamFailed);
 }
 
@@ -440,10 +422,7 @@ async fn stream_that_goes_silent_is_ended_after_the_idle_timeout() {
         text.trim_end().ends_with(r#""code":"upstream_error"}}"#),
         "{text}"
     );
-    let ev = gw
-        .sink
-        .wait_for(r.headers["x-request-id"].to_str().unwrap())
-        .await;
+    let ev = gw.usage_of(&r).await;
     assert_eq!(ev.outcome, fuke::metering::Outcome::UpstreamFailed);
 }
 
@@ -458,10 +437,7 @@ async fn stream_without_upstream_usage_is_recorded_as_missing_not_estimated() {
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
-    let ev = gw
-        .sink
-        .wait_for(r.headers["x-request-id"].to_str().unwrap())
-        .await;
+    let ev = gw.usage_of(&r).await;
     assert_eq!(ev.usage, None);
     assert_eq!(ev.outcome, fuke::metering::Outcome::Completed);
 }
@@ -488,14 +464,7 @@ async fn stream_ends_at_done_even_if_the_upstream_lingers() {
 #[tokio::test]
 async fn client_disconnect_cancels_the_upstream_request() {
     let (up, gw, c) = setup().await;
-    let req = http::Request::builder()
-        .method(Method::POST)
-        .uri(gw.url(CHAT))
-        .header("authorization", format!("Bearer {KEY_ACME}"))
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            br#"{"model":"slow","stream":true,"messages":[{"role":"user","content":"go"}]}"#,
-        )))
-        .unwrap();
+    let req = slow_stream_request(&gw.url(""));
     let resp = c.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();

@@ -83,27 +83,28 @@ async fn tls_request(
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        let s = resp.status();
-        resp.into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        s
+        status_of(send.send_request(req).await).await?
     } else {
         let (mut send, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        let s = resp.status();
-        resp.into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        s
+        status_of(send.send_request(req).await).await?
     };
     Ok((status, alpn, leaf))
+}
+
+/// The status of a response, once its body has been read to the end.
+async fn status_of(
+    resp: Result<http::Response<hyper::body::Incoming>, hyper::Error>,
+) -> Result<StatusCode, String> {
+    let resp = resp.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(status)
 }
 
 async fn tls_gateway(dir: &Path, mtls: bool) -> (Gateway, Arc<CertStore>) {

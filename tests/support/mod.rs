@@ -181,6 +181,12 @@ impl Gateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The usage event recorded for a reply (waits for it).
+    pub async fn usage_of(&self, reply: &Reply) -> UsageEvent {
+        let id = reply.headers["x-request-id"].to_str().unwrap();
+        self.sink.wait_for(id).await
+    }
+
     /// Begins graceful shutdown; returns the server task to await.
     pub fn shutdown(&mut self) -> tokio::task::JoinHandle<std::io::Result<()>> {
         if let Some(tx) = self.stop.take() {
@@ -268,6 +274,18 @@ pub async fn post(client: &TestClient, url: &str, key: &str, body: &str) -> Repl
         body.to_string(),
     )
     .await
+}
+
+/// A streaming request for the `slow` model (150 chunks, 20 ms apart) to `base` (`http://host`).
+pub fn slow_stream_request(base: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(format!("{base}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {KEY_ACME}"))
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"slow","stream":true,"messages":[{"role":"user","content":"go"}]}"#,
+        )))
+        .unwrap()
 }
 
 /// Polls `check` until it is true (or fails after 10 s): waiting for effects, never sleeping
