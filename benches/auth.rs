@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use fuke::backends::remote::ClientPool;
+use fuke::backends::Registry;
 use fuke::policy::PolicyStore;
 use http::HeaderMap;
 use std::hint::black_box;
@@ -23,7 +23,7 @@ fn bench(c: &mut Criterion) {
         }
     }
     std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
-    let store = PolicyStore::open(dir.path(), Arc::new(ClientPool::default())).unwrap();
+    let store = PolicyStore::open(dir.path(), Arc::new(Registry::default())).unwrap();
     let mut headers = HeaderMap::new();
     headers.insert("authorization", "Bearer fk-bench-517-3".parse().unwrap());
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Runs every test. On a fresh machine it first installs what the tests need: the pinned official
-# OpenAI Python SDK (tests/sdk/requirements.txt), used to prove SDK compatibility.
+# Runs every test. On a fresh machine it first installs what the tests need: build tools and the
+# local models (scripts/setup.sh), and the pinned official OpenAI Python SDK
+# (tests/sdk/requirements.txt), used to prove SDK compatibility.
 # Ends with one summary line: "tests: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+scripts/setup.sh
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   -r tests/sdk/requirements.txt
 log=$(mktemp)

@@ -51,6 +51,9 @@ pub enum Error {
     UpstreamTimeout { upstream: String, after_ms: u64 },
     #[error("upstream `{upstream}` sent an invalid response: {detail}")]
     UpstreamProtocol { upstream: String, detail: String },
+    /// A model that cannot serve now (a local model that failed to load, or stopped).
+    #[error("{message} ({detail})")]
+    Unavailable { message: String, detail: String },
     #[error("the gateway is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -87,7 +90,9 @@ impl Error {
             Error::UpstreamConnect { .. }
             | Error::UpstreamTimeout { .. }
             | Error::UpstreamProtocol { .. } => ErrorSource::Upstream,
-            Error::Internal(_) | Error::ShuttingDown => ErrorSource::Internal,
+            Error::Internal(_) | Error::ShuttingDown | Error::Unavailable { .. } => {
+                ErrorSource::Internal
+            }
             _ => ErrorSource::Client,
         }
     }
@@ -114,7 +119,7 @@ impl Error {
                 StatusCode::BAD_GATEWAY
             }
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::ShuttingDown | Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -206,6 +211,9 @@ impl Error {
                 None,
                 Some("upstream_timeout"),
             ),
+            Error::Unavailable { message, .. } => {
+                (message, "server_error", None, Some("model_unavailable"))
+            }
             Error::ShuttingDown => (
                 "The gateway is shutting down; retry on another instance.",
                 "server_error",

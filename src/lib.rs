@@ -24,7 +24,8 @@
 //! - [`auth`] — API keys to principals.
 //! - [`policy`] — policy files, validation, hot reload.
 //! - [`config`] — `fuke.yaml`.
-//! - [`backends`] — the backend trait and the remote backend.
+//! - [`backends`] — the backend trait, remote upstreams and local llama.cpp models.
+//! - [`embed`] — local embeddings (`/v1/embeddings` and the vectors cache and KB use).
 //! - [`limits`] — in-process rate limits.
 //! - [`metering`] — usage events and sinks.
 //! - [`telemetry`] — logging and Prometheus metrics.
@@ -38,6 +39,7 @@ pub mod backends;
 pub mod body;
 pub mod config;
 pub mod devcerts;
+pub mod embed;
 pub mod error;
 pub mod limits;
 pub mod metering;

@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use fuke::app::App;
-use fuke::backends::remote::ClientPool;
+use fuke::backends::Registry;
+use fuke::backends::local::{self, LocalModels};
 use fuke::config::{Config, LogFormat};
 use fuke::metering::LogSink;
 use fuke::policy::PolicyStore;
@@ -106,8 +107,20 @@ fn check(config_path: PathBuf) -> ExitCode {
                     problems.push(e.to_string());
                 }
             }
-            if let Err(p) = fuke::policy::load_dir(&config.policies_dir, 0, &ClientPool::default())
-            {
+            for m in &config.local_models {
+                if let Err(e) = local::check_file(m) {
+                    problems.push(format!(
+                        "{}: local_models.{}.path: {e}",
+                        config_path.display(),
+                        m.name
+                    ));
+                }
+            }
+            let backends = Registry {
+                local: LocalModels::configured(&config.local_models),
+                ..Registry::default()
+            };
+            if let Err(p) = fuke::policy::load_dir(&config.policies_dir, 0, &backends) {
                 problems.extend(p.0.iter().map(ToString::to_string));
             }
         }
@@ -149,9 +162,14 @@ async fn serve_async(
     log_writer: tracing_appender::non_blocking::NonBlocking,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let clients = Arc::new(ClientPool::default());
+    let configs = config.local_models.clone();
+    let local = tokio::task::spawn_blocking(move || LocalModels::load(&configs)).await?;
+    let backends = Arc::new(Registry {
+        local,
+        ..Registry::default()
+    });
     let policy = Arc::new(
-        PolicyStore::open(&config.policies_dir, clients).map_err(|p| anyhow::anyhow!("{p}"))?,
+        PolicyStore::open(&config.policies_dir, backends).map_err(|p| anyhow::anyhow!("{p}"))?,
     );
     let sink = Arc::new(LogSink::new(log_writer));
     let app = App::new(

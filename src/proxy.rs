@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, BodyStream, Limited, StreamBody};
 use hyper::body::Incoming;
 
 use crate::app::App;
-use crate::backends::{Backend, BackendRequest};
+use crate::backends::BackendRequest;
 use crate::body::{self, Body};
 use crate::error::Error;
 use crate::metering::Outcome;

@@ -1,6 +1,8 @@
-//! Backends answer model requests. One trait; `remote` speaks to any OpenAI-compatible server
-//! (the local llama.cpp backend plugs in beside it).
+//! Backends answer model requests. One trait; `remote` speaks to any OpenAI-compatible server,
+//! `local` runs GGUF models in-process with llama.cpp.
 
+pub(crate) mod gguf;
+pub mod local;
 pub mod remote;
 
 use std::future::Future;
@@ -34,9 +36,23 @@ pub struct BackendResponse {
     pub idle_timeout: Duration,
 }
 
+/// What policies resolve backend names against: pooled HTTP clients for remote upstreams and
+/// the local models of `fuke.yaml`.
+#[derive(Default)]
+pub struct Registry {
+    pub clients: remote::ClientPool,
+    pub local: local::LocalModels,
+}
+
 pub trait Backend: Send + Sync {
     /// Stable name used in metrics, logs and usage events.
     fn name(&self) -> &str;
 
     fn send(&self, req: BackendRequest) -> BoxFuture<'_, Result<BackendResponse, Error>>;
+}
+
+impl std::fmt::Debug for dyn Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }

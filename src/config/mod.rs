@@ -5,9 +5,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use indexmap::IndexMap;
 use serde::Deserialize;
 
 use crate::app::Settings;
+use crate::backends::local::{LocalKind, LocalModelConfig};
 use crate::policy::lines::LineIndex;
 use crate::policy::{Problem, Problems};
 
@@ -22,6 +24,28 @@ struct RawConfig {
     shutdown_grace_secs: Option<u64>,
     #[serde(default)]
     log_format: LogFormat,
+    /// GGUF models run in-process by llama.cpp, by the name policies use (`local: NAME`).
+    #[serde(default)]
+    local_models: IndexMap<String, RawLocalModel>,
+    /// The local embedding model the rest of Fuke (cache, knowledge base) embeds with.
+    embedder: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocalModel {
+    path: PathBuf,
+    kind: LocalKind,
+    /// Tokens of context per sequence (prompt + answer).
+    context: Option<u32>,
+    /// Sequences decoded together (continuous batching).
+    parallel: Option<u32>,
+    /// Requests that may wait for a free sequence; beyond that, 429.
+    queue: Option<u32>,
+    /// CPU threads for llama.cpp.
+    threads: Option<u32>,
+    /// Layers offloaded to the GPU (builds with the `cuda` feature).
+    gpu_layers: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +96,8 @@ pub struct Config {
     pub settings: Settings,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    pub local_models: Vec<LocalModelConfig>,
+    pub embedder: Option<String>,
 }
 
 impl Config {
@@ -174,8 +200,50 @@ impl Config {
         if settings.max_body_bytes == 0 {
             add("max_body_bytes".into(), "must be greater than 0".into());
         }
+        let mut local_models = Vec::new();
+        for (name, m) in &raw.local_models {
+            let key = format!("local_models.{name}");
+            let defaults = LocalModelConfig::defaults(name, base.join(&m.path), m.kind);
+            let model = LocalModelConfig {
+                context: m.context.unwrap_or(defaults.context),
+                parallel: m.parallel.unwrap_or(defaults.parallel),
+                queue: m.queue.unwrap_or(defaults.queue),
+                threads: m.threads.unwrap_or(defaults.threads),
+                gpu_layers: m.gpu_layers.unwrap_or(defaults.gpu_layers),
+                ..defaults
+            };
+            for (field, value, min, max) in [
+                ("context", model.context, 16, 1 << 20),
+                ("parallel", model.parallel, 1, 256),
+                ("queue", model.queue, 1, 1 << 20),
+                ("threads", model.threads, 1, 1024),
+            ] {
+                if !(min..=max).contains(&value) {
+                    add(
+                        format!("{key}.{field}"),
+                        format!("must be between {min} and {max}"),
+                    );
+                }
+            }
+            local_models.push(model);
+        }
+        if let Some(name) = &raw.embedder {
+            match local_models.iter().find(|m| &m.name == name) {
+                Some(m) if m.kind == LocalKind::Embedding => {}
+                Some(_) => add(
+                    "embedder".into(),
+                    format!("local model `{name}` is not of kind `embedding`"),
+                ),
+                None => add(
+                    "embedder".into(),
+                    format!("no local model `{name}` under local_models"),
+                ),
+            }
+        }
         if problems.is_empty() {
             Ok(Config {
+                local_models,
+                embedder: raw.embedder,
                 listeners,
                 policies_dir: base.join(raw.policies.unwrap_or_else(|| "policies".into())),
                 settings,

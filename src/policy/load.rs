@@ -12,7 +12,8 @@ use http::HeaderValue;
 use super::lines::LineIndex;
 use super::raw::{RawPolicyFile, RawTenant};
 use super::{Limits, Map, ModelRoute, Policy, Principal, Tenant};
-use crate::backends::remote::{ClientPool, EndpointUris, Remote};
+use crate::backends::remote::{EndpointUris, Remote};
+use crate::backends::{Backend, Registry};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -77,7 +78,7 @@ impl Report<'_> {
 
 /// Loads and validates every `*.yaml`/`*.yml` file in `dir` into one policy. Nothing is returned
 /// unless everything is valid.
-pub fn load_dir(dir: &Path, version: u64, clients: &ClientPool) -> Result<Policy, Problems> {
+pub fn load_dir(dir: &Path, version: u64, backends: &Registry) -> Result<Policy, Problems> {
     let mut problems = Vec::new();
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
@@ -142,7 +143,7 @@ pub fn load_dir(dir: &Path, version: u64, clients: &ClientPool) -> Result<Policy
         sources: &sources,
         problems,
     };
-    let policy = validate(&mut report, version, clients);
+    let policy = validate(&mut report, version, backends);
     if report.problems.is_empty() {
         Ok(policy)
     } else {
@@ -179,7 +180,7 @@ pub(crate) fn deserialize_yaml<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn validate(report: &mut Report<'_>, version: u64, clients: &ClientPool) -> Policy {
+fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Policy {
     let sources = report.sources;
     let mut upstreams: HashMap<&str, (usize, Arc<Remote>)> = HashMap::new();
     for (si, src) in sources.iter().enumerate() {
@@ -249,7 +250,7 @@ fn validate(report: &mut Report<'_>, version: u64, clients: &ClientPool) -> Poli
                 },
             };
             let connect = Duration::from_millis(up.connect_timeout_ms.unwrap_or(2_000));
-            let client = match clients.get(&ca, connect) {
+            let client = match backends.clients.get(&ca, connect) {
                 Ok(c) => c,
                 Err(e) => {
                     report.add(si, format!("{path}.ca_file"), e);
@@ -279,26 +280,59 @@ fn validate(report: &mut Report<'_>, version: u64, clients: &ClientPool) -> Poli
                 report.add(si, path, "defined in more than one policy file");
                 continue;
             }
-            let Some((_, upstream)) = upstreams.get(m.upstream.as_str()) else {
-                let known_in_raw = sources
-                    .iter()
-                    .any(|s| s.raw.upstreams.contains_key(&m.upstream));
-                if !known_in_raw {
+            let backend: Arc<dyn Backend> = match (&m.upstream, &m.local) {
+                (Some(name), None) => match upstreams.get(name.as_str()) {
+                    Some((_, upstream)) => upstream.clone(),
+                    None => {
+                        let known_in_raw =
+                            sources.iter().any(|s| s.raw.upstreams.contains_key(name));
+                        if !known_in_raw {
+                            report.add(
+                                si,
+                                format!("{path}.upstream"),
+                                format!("unknown upstream `{name}`"),
+                            );
+                        }
+                        continue;
+                    }
+                },
+                (None, Some(name)) => match backends.local.get(name) {
+                    Some(local) => local,
+                    None => {
+                        report.add(
+                            si,
+                            format!("{path}.local"),
+                            format!("unknown local model `{name}` (define it under local_models in fuke.yaml)"),
+                        );
+                        continue;
+                    }
+                },
+                (Some(_), Some(_)) => {
+                    report.add(si, path, "set either `upstream` or `local`, not both");
+                    continue;
+                }
+                (None, None) => {
                     report.add(
                         si,
-                        format!("{path}.upstream"),
-                        format!("unknown upstream `{}`", m.upstream),
+                        path,
+                        "needs `upstream` (a remote) or `local` (a local model)",
                     );
+                    continue;
                 }
-                continue;
             };
             let alias: Arc<str> = alias.as_str().into();
             models.insert(
                 alias.clone(),
                 ModelRoute {
-                    upstream_model: m.model.clone().unwrap_or_else(|| alias.to_string()),
+                    // Remote: the name the upstream knows (default: the alias). Local: the
+                    // local model's name, which answers report as `model`.
+                    upstream_model: m
+                        .model
+                        .clone()
+                        .or_else(|| m.local.clone())
+                        .unwrap_or_else(|| alias.to_string()),
                     alias,
-                    upstream: upstream.clone(),
+                    upstream: backend,
                 },
             );
         }

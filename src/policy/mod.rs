@@ -15,7 +15,7 @@ pub use load::{Problem, Problems, load_dir};
 pub use raw::Role;
 pub use store::PolicyStore;
 
-use crate::backends::remote::Remote;
+use crate::backends::Backend;
 
 /// Who is calling: resolved from the API key, carried through the whole request.
 #[derive(Debug, Clone)]
@@ -42,7 +42,7 @@ pub struct Limits {
 #[derive(Debug)]
 pub struct ModelRoute {
     pub alias: Arc<str>,
-    pub upstream: Arc<Remote>,
+    pub upstream: Arc<dyn Backend>,
     pub upstream_model: String,
 }
 

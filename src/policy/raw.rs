@@ -35,7 +35,10 @@ pub struct RawUpstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
-    pub upstream: String,
+    /// A remote upstream by name…
+    pub upstream: Option<String>,
+    /// …or a local model of `fuke.yaml` (`local_models`) by name.
+    pub local: Option<String>,
     /// The model name the upstream knows; defaults to the alias.
     pub model: Option<String>,
 }

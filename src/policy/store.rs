@@ -8,24 +8,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 
 use super::{Policy, Problems, load_dir};
-use crate::backends::remote::ClientPool;
+use crate::backends::Registry;
 
 pub struct PolicyStore {
     current: ArcSwap<Policy>,
     dir: PathBuf,
-    clients: Arc<ClientPool>,
+    backends: Arc<Registry>,
     next_version: AtomicU64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
 }
 
 impl PolicyStore {
-    pub fn open(dir: &Path, clients: Arc<ClientPool>) -> Result<Self, Problems> {
-        let policy = load_dir(dir, 1, &clients)?;
+    pub fn open(dir: &Path, backends: Arc<Registry>) -> Result<Self, Problems> {
+        let policy = load_dir(dir, 1, &backends)?;
         Ok(PolicyStore {
             current: ArcSwap::from_pointee(policy),
             dir: dir.to_path_buf(),
-            clients,
+            backends,
             next_version: AtomicU64::new(2),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
@@ -40,7 +40,7 @@ impl PolicyStore {
     /// Reads the directory again; swaps only if every file is valid.
     pub fn reload(&self) -> Result<u64, Problems> {
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
-        match load_dir(&self.dir, version, &self.clients) {
+        match load_dir(&self.dir, version, &self.backends) {
             Ok(policy) => {
                 self.current.store(Arc::new(policy));
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);

@@ -1,6 +1,6 @@
 //! Test harness: the gateway in-process on 127.0.0.1:0 with a real policy directory, a real
 //! upstream (`upstream.rs`), and a sink that keeps usage events for assertions.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod upstream;
 
@@ -12,7 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use fuke::app::{App, Settings};
 use fuke::backends::BoxFuture;
-use fuke::backends::remote::ClientPool;
+use fuke::backends::Registry;
+use fuke::backends::local::LocalModels;
 use fuke::metering::{UsageEvent, UsageSink};
 use fuke::policy::PolicyStore;
 use fuke::server::{self, Transport};
@@ -128,6 +129,8 @@ pub struct Gateway {
 pub struct Options {
     pub transport: Transport,
     pub settings: Settings,
+    /// Local models the policy may route to (`local: NAME`).
+    pub local: LocalModels,
 }
 
 impl Default for Options {
@@ -135,6 +138,7 @@ impl Default for Options {
         Options {
             transport: Transport::Plain,
             settings: Settings::default(),
+            local: LocalModels::default(),
         }
     }
 }
@@ -149,8 +153,14 @@ impl Gateway {
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir_all(&policy_dir).unwrap();
         std::fs::write(policy_dir.join("main.yaml"), policy).unwrap();
-        let store = PolicyStore::open(&policy_dir, Arc::new(ClientPool::default()))
-            .unwrap_or_else(|p| panic!("test policy invalid:\n{p}"));
+        let store = PolicyStore::open(
+            &policy_dir,
+            Arc::new(Registry {
+                local: opts.local,
+                ..Registry::default()
+            }),
+        )
+        .unwrap_or_else(|p| panic!("test policy invalid:\n{p}"));
         let metrics = Arc::new(Metrics::new());
         let sink = Arc::new(CollectingSink::default());
         let app = App::new(Arc::new(store), sink.clone(), metrics, opts.settings);

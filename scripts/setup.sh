@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs, once, what building and testing Fuke needs on a fresh Debian machine:
+#  - cmake and libclang-dev: llama-cpp-2 builds llama.cpp from source (cmake) and generates its
+#    bindings with bindgen (libclang);
+#  - the local models (scripts/models.sh).
+# Called by scripts/demo.sh, scripts/test.sh and .ci/run; cheap when everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || missing+=(libclang-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} (Debian packages)"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+scripts/models.sh

@@ -1,0 +1,1226 @@
+//! Local models: GGUF files run in-process by llama.cpp (`llama-cpp-2`), answering through the same
+//! [`Backend`] trait as remote upstreams, in OpenAI's wire format, so relaying, metering and the
+//! usage-chunk handling are shared with remote answers.
+//!
+//! A chat model is one [`ChatEngine`]: a dedicated OS thread owning one llama.cpp context with
+//! `parallel` sequences. Requests wait in a bounded queue (429 when full); every decode step puts
+//! the next token of each running sequence (or a chunk of a new prompt) into one batch, as
+//! llama-server's slots do. Tokens go back to the request's task over a channel; a dropped
+//! receiver (client gone) frees the sequence at the next step.
+//!
+//! Embedding models are served by [`crate::embed::Embedder`].
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::{Backend, BackendRequest, BackendResponse, BoxFuture, gguf};
+use crate::body::{self, Body};
+use crate::embed::Embedder;
+use crate::error::Error;
+use crate::openai::Endpoint;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalKind {
+    Chat,
+    Embedding,
+}
+
+/// One `local_models` entry of `fuke.yaml`.
+#[derive(Debug, Clone)]
+pub struct LocalModelConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub kind: LocalKind,
+    /// Tokens per sequence (chat: prompt + answer; embedding: longest input).
+    pub context: u32,
+    /// Sequences decoded together.
+    pub parallel: u32,
+    /// Requests that may wait for a free sequence (at least 1).
+    pub queue: u32,
+    /// llama.cpp CPU threads. The default is half the cores (at least 1): on a shared machine
+    /// llama.cpp's workers wait for each other at every step, and one descheduled worker stalls
+    /// them all, so using every core collapses throughput as soon as anything else runs.
+    pub threads: u32,
+    pub gpu_layers: u32,
+}
+
+impl LocalModelConfig {
+    pub fn defaults(name: &str, path: PathBuf, kind: LocalKind) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let (context, parallel) = match kind {
+            LocalKind::Chat => (2048, 4),
+            LocalKind::Embedding => (512, 16),
+        };
+        LocalModelConfig {
+            name: name.to_string(),
+            path,
+            kind,
+            context,
+            parallel,
+            queue: 64,
+            threads: (cores / 2).max(1),
+            gpu_layers: 0,
+        }
+    }
+}
+
+/// llama.cpp's process-wide backend, initialised once.
+pub(crate) fn llama_backend() -> Result<&'static LlamaBackend, String> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| format!("llama.cpp backend: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Checks a model file without loading it: a readable GGUF whose architecture fits the kind.
+/// Returns the architecture.
+pub fn check_file(cfg: &LocalModelConfig) -> Result<String, String> {
+    let arch = gguf::architecture(&cfg.path)?;
+    let encoder_only = matches!(
+        arch.as_str(),
+        "bert" | "nomic-bert" | "nomic-bert-moe" | "jina-bert-v2" | "jina-bert-v3" | "neo-bert"
+    );
+    match cfg.kind {
+        LocalKind::Chat if encoder_only => {
+            return Err(format!(
+                "{} has architecture `{arch}`, an embedding model; set `kind: embedding`",
+                cfg.path.display()
+            ));
+        }
+        LocalKind::Embedding if !encoder_only => tracing::warn!(
+            model = %cfg.name, %arch,
+            "embedding model with a decoder architecture; its last-token or mean pooling must be set in the GGUF"
+        ),
+        _ => {}
+    }
+    Ok(arch)
+}
+
+/// Loads a GGUF model after checking its header, with errors that say what is wrong.
+pub(crate) fn load_model(cfg: &LocalModelConfig) -> Result<LlamaModel, String> {
+    let arch = check_file(cfg)?;
+    let backend = llama_backend()?;
+    let params = LlamaModelParams::default().with_n_gpu_layers(cfg.gpu_layers);
+    LlamaModel::load_from_file(backend, &cfg.path, &params).map_err(|e| {
+        format!(
+            "llama.cpp could not load {} (architecture `{arch}`): {e}",
+            cfg.path.display()
+        )
+    })
+}
+
+/// What a configured local model became at start.
+enum Loaded {
+    Chat(ChatEngine),
+    Embedding(Arc<Embedder>),
+    /// Not loaded (load failed, or `fuke check` which loads nothing): why.
+    Failed(String),
+}
+
+/// A configured local model, usable as a [`Backend`] whatever its load result.
+pub struct LocalModel {
+    model: String,
+    backend_name: String,
+    kind: LocalKind,
+    loaded: Loaded,
+}
+
+/// The local models of `fuke.yaml`, by name. Cloning shares the loaded models.
+#[derive(Default, Clone)]
+pub struct LocalModels {
+    models: HashMap<String, Arc<LocalModel>>,
+}
+
+impl LocalModels {
+    /// Names and kinds only, nothing loaded (for `fuke check` and policy validation).
+    pub fn configured(configs: &[LocalModelConfig]) -> Self {
+        Self::build(configs, |_| Loaded::Failed("not loaded".into()))
+    }
+
+    /// Loads every model; one that fails is logged and answers 503, the rest keep serving.
+    pub fn load(configs: &[LocalModelConfig]) -> Self {
+        Self::build(configs, |cfg| {
+            let started = std::time::Instant::now();
+            let loaded = match cfg.kind {
+                LocalKind::Chat => ChatEngine::start(cfg).map(Loaded::Chat),
+                LocalKind::Embedding => {
+                    Embedder::start(cfg).map(|e| Loaded::Embedding(Arc::new(e)))
+                }
+            };
+            match loaded {
+                Ok(l) => {
+                    tracing::info!(model = %cfg.name, path = %cfg.path.display(), threads = cfg.threads,
+                        parallel = cfg.parallel, ms = started.elapsed().as_millis() as u64, "local model loaded");
+                    l
+                }
+                Err(e) => {
+                    tracing::error!(model = %cfg.name, error = %e, "local model not loaded; its routes answer 503");
+                    Loaded::Failed(e)
+                }
+            }
+        })
+    }
+
+    fn build(
+        configs: &[LocalModelConfig],
+        mut load: impl FnMut(&LocalModelConfig) -> Loaded,
+    ) -> Self {
+        let models = configs
+            .iter()
+            .map(|cfg| {
+                let model = LocalModel {
+                    model: cfg.name.clone(),
+                    backend_name: format!("local:{}", cfg.name),
+                    kind: cfg.kind,
+                    loaded: load(cfg),
+                };
+                (cfg.name.clone(), Arc::new(model))
+            })
+            .collect();
+        LocalModels { models }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<LocalModel>> {
+        self.models.get(name).cloned()
+    }
+
+    /// The embedder of a loaded embedding model.
+    pub fn embedder(&self, name: &str) -> Option<Arc<Embedder>> {
+        match &self.models.get(name)?.loaded {
+            Loaded::Embedding(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    /// Sequences a local chat model is decoding now (0 for other models).
+    pub fn active_sequences(&self, name: &str) -> usize {
+        match self.models.get(name).map(|m| &m.loaded) {
+            Some(Loaded::Chat(c)) => c.active.load(Ordering::Relaxed),
+            _ => 0,
+        }
+    }
+
+    /// Why a model is not serving, if it is not.
+    pub fn failure(&self, name: &str) -> Option<&str> {
+        match &self.models.get(name)?.loaded {
+            Loaded::Failed(why) => Some(why),
+            _ => None,
+        }
+    }
+}
+
+impl Backend for LocalModel {
+    fn name(&self) -> &str {
+        &self.backend_name
+    }
+
+    fn send(&self, req: BackendRequest) -> BoxFuture<'_, Result<BackendResponse, Error>> {
+        Box::pin(async move {
+            let body = req
+                .body
+                .collect()
+                .await
+                .map_err(|_| Error::invalid("The request body could not be read.", None))?
+                .to_bytes();
+            let id = String::from_utf8_lossy(req.request_id.as_bytes())
+                .trim_start_matches("req_")
+                .to_string();
+            match (&self.loaded, req.endpoint) {
+                (Loaded::Failed(why), _) => Err(Error::Unavailable {
+                    message: format!("The local model `{}` is not available.", self.model),
+                    detail: why.clone(),
+                }),
+                (Loaded::Chat(engine), Endpoint::ChatCompletions) => engine.chat(&body, &id).await,
+                (Loaded::Embedding(embedder), Endpoint::Embeddings) => embedder.serve(&body).await,
+                (_, endpoint) => Err(Error::InvalidRequest {
+                    message: format!(
+                        "The local {} model `{}` does not serve {}.",
+                        match self.kind {
+                            LocalKind::Chat => "chat",
+                            LocalKind::Embedding => "embedding",
+                        },
+                        self.model,
+                        endpoint.upstream_path()
+                    ),
+                    param: Some("model".into()),
+                    code: Some("unsupported_endpoint"),
+                }),
+            }
+        })
+    }
+}
+
+// === chat engine ===
+
+/// Sampling settings of one request.
+#[derive(Debug, Clone)]
+struct Sampling {
+    temperature: f32,
+    top_p: f32,
+    top_k: i32,
+    seed: u32,
+    frequency_penalty: f32,
+    presence_penalty: f32,
+}
+
+impl Sampling {
+    fn sampler(&self, n_vocab: i32) -> LlamaSampler {
+        let mut chain = Vec::new();
+        if self.frequency_penalty != 0.0 || self.presence_penalty != 0.0 {
+            chain.push(LlamaSampler::penalties(
+                n_vocab,
+                64,
+                1.0,
+                self.frequency_penalty,
+                self.presence_penalty,
+            ));
+        }
+        if self.temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            if self.top_k > 0 {
+                chain.push(LlamaSampler::top_k(self.top_k));
+            }
+            if self.top_p < 1.0 {
+                chain.push(LlamaSampler::top_p(self.top_p, 1));
+            }
+            chain.push(LlamaSampler::temp(self.temperature));
+            chain.push(LlamaSampler::dist(self.seed));
+        }
+        LlamaSampler::chain_simple(chain)
+    }
+}
+
+/// One queued generation.
+struct Job {
+    prompt: Vec<LlamaToken>,
+    max_tokens: u32,
+    ignore_eos: bool,
+    stop: Vec<String>,
+    sampling: Sampling,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+#[derive(Debug)]
+enum Event {
+    Text(String),
+    Done {
+        finish_reason: &'static str,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
+    Failed(String),
+}
+
+pub struct ChatEngine {
+    model: Arc<LlamaModel>,
+    /// Sequences being decoded now.
+    active: Arc<AtomicUsize>,
+    template: LlamaChatTemplate,
+    jobs: SyncSender<Job>,
+    /// Tokens per sequence.
+    context: u32,
+    model_name: String,
+}
+
+impl ChatEngine {
+    fn start(cfg: &LocalModelConfig) -> Result<Self, String> {
+        let model = Arc::new(load_model(cfg)?);
+        let template = model
+            .chat_template(None)
+            .or_else(|_| LlamaChatTemplate::new("chatml"))
+            .map_err(|e| format!("chat template: {e}"))?;
+        // Waiting requests beyond those being decoded.
+        let (jobs, rx) = std::sync::mpsc::sync_channel(cfg.queue as usize);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let worker_model = model.clone();
+        let worker_cfg = cfg.clone();
+        let active = Arc::new(AtomicUsize::new(0));
+        let worker_active = active.clone();
+        std::thread::Builder::new()
+            .name(format!("llama-{}", cfg.name))
+            .spawn(move || run_worker(&worker_model, &worker_cfg, rx, ready_tx, &worker_active))
+            .map_err(|e| format!("cannot start the generation thread: {e}"))?;
+        ready_rx
+            .recv()
+            .map_err(|_| "the generation thread stopped".to_string())??;
+        Ok(ChatEngine {
+            model,
+            active,
+            template,
+            jobs,
+            context: cfg.context,
+            model_name: cfg.name.clone(),
+        })
+    }
+
+    /// `POST /v1/chat/completions` for this model.
+    async fn chat(&self, body: &[u8], id: &str) -> Result<BackendResponse, Error> {
+        let req = ChatRequest::parse(body)?;
+        let messages = req.messages()?;
+        let prompt = self
+            .model
+            .apply_chat_template(&self.template, &messages, true)
+            .map_err(|e| {
+                Error::invalid(
+                    format!("The messages could not be formatted for the local model: {e}"),
+                    Some("messages".into()),
+                )
+            })?;
+        // The template writes the special tokens as text; parse them as special tokens.
+        let tokens = self.model.vocab().tokenize(prompt.as_bytes(), true, true);
+        let n_prompt = tokens.len() as u32;
+        if n_prompt >= self.context {
+            return Err(Error::InvalidRequest {
+                message: format!(
+                    "This model's maximum context length is {} tokens. However, your messages resulted in {n_prompt} tokens.",
+                    self.context
+                ),
+                param: Some("messages".into()),
+                code: Some("context_length_exceeded"),
+            });
+        }
+        let room = self.context - n_prompt;
+        let max_tokens = req.max_tokens().map_or(room, |m| m.min(room));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let job = Job {
+            prompt: tokens,
+            max_tokens,
+            ignore_eos: req.ignore_eos,
+            stop: req.stop_sequences(),
+            sampling: req.sampling(),
+            events: tx,
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(Error::RateLimited {
+                    message: format!(
+                        "The local model `{}` is busy; its queue is full. Retry shortly.",
+                        self.model_name
+                    ),
+                    retry_after_secs: 1,
+                });
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(Error::Unavailable {
+                    message: format!("The local model `{}` is not available.", self.model_name),
+                    detail: "the generation thread stopped".into(),
+                });
+            }
+        }
+        let answer = Answer {
+            id: format!("chatcmpl-{id}"),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model: req.model.clone(),
+        };
+        let mut headers = HeaderMap::new();
+        if req.stream {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+            Ok(BackendResponse {
+                status: StatusCode::OK,
+                headers,
+                body: stream_body(answer, rx, include_usage),
+                idle_timeout: IDLE_TIMEOUT,
+            })
+        } else {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            let json = json_answer(answer, rx).await?;
+            Ok(BackendResponse {
+                status: StatusCode::OK,
+                headers,
+                body: body::full(json),
+                idle_timeout: IDLE_TIMEOUT,
+            })
+        }
+    }
+}
+
+/// Longest pause between two frames of a local answer: a queued request waits for a free
+/// sequence without sending anything.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A sequence being decoded.
+struct Slot {
+    seq: i32,
+    job: Job,
+    /// Prompt tokens already in the KV cache.
+    fed: usize,
+    /// Position of the next token.
+    pos: i32,
+    sampler: LlamaSampler,
+    generated: u32,
+    /// The last sampled token, fed at the next step.
+    next: Option<LlamaToken>,
+    /// Bytes of an incomplete UTF-8 character.
+    utf8: Vec<u8>,
+    /// Text held back because it could be the start of a stop sequence.
+    held: String,
+    /// Where this slot's logits are in the current batch.
+    logits_at: Option<i32>,
+}
+
+fn run_worker(
+    model: &LlamaModel,
+    cfg: &LocalModelConfig,
+    jobs: Receiver<Job>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    active: &AtomicUsize,
+) {
+    let setup = || -> Result<(LlamaContext<'_>, u32), String> {
+        let backend = llama_backend()?;
+        let n_batch = 512u32;
+        let threads = cfg.threads as i32;
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(cfg.context * cfg.parallel))
+            .with_n_seq_max(cfg.parallel)
+            .with_n_batch(n_batch)
+            .with_n_ubatch(n_batch)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let ctx = model
+            .new_context(backend, params)
+            .map_err(|e| format!("llama.cpp context: {e}"))?;
+        Ok((ctx, n_batch))
+    };
+    let (mut ctx, n_batch) = match setup() {
+        Ok(x) => {
+            let _ = ready.send(Ok(()));
+            x
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut batch = LlamaBatch::new(n_batch as usize, 1);
+    let mut slots: Vec<Option<Slot>> = (0..cfg.parallel).map(|_| None).collect();
+    let mut piece = Vec::new();
+    loop {
+        active.store(slots.iter().flatten().count(), Ordering::Relaxed);
+        // Admit waiting requests into free sequences; sleep only when nothing runs.
+        for seq in 0..slots.len() {
+            if slots[seq].is_some() {
+                continue;
+            }
+            let job = if slots.iter().all(Option::is_none) {
+                match jobs.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(j) => j,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if slots.iter().all(Option::is_none) {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            };
+            if job.events.is_closed() {
+                continue;
+            }
+            slots[seq] = Some(Slot {
+                seq: seq as i32,
+                sampler: job.sampling.sampler(model.n_vocab()),
+                job,
+                fed: 0,
+                pos: 0,
+                generated: 0,
+                next: None,
+                utf8: Vec::new(),
+                held: String::new(),
+                logits_at: None,
+            });
+        }
+
+        // Free the sequences whose client went away.
+        for s in &mut slots {
+            if s.as_ref().is_some_and(|s| s.job.events.is_closed()) {
+                free(&mut ctx, s);
+            }
+        }
+        active.store(slots.iter().flatten().count(), Ordering::Relaxed);
+
+        // One batch: each generating sequence's last token, then prompt chunks as room allows.
+        batch.clear();
+        let mut room = n_batch as usize;
+        let mut add_failed = false;
+        for s in slots.iter_mut().flatten() {
+            s.logits_at = None;
+            if let Some(t) = s.next.take() {
+                add_failed |= batch.add(t, s.pos, &[s.seq], true).is_err();
+                s.logits_at = Some(batch.n_tokens() - 1);
+                s.pos += 1;
+                room -= 1;
+            }
+        }
+        for s in slots.iter_mut().flatten() {
+            if s.fed < s.job.prompt.len() && room > 0 {
+                let take = room.min(s.job.prompt.len() - s.fed);
+                for i in 0..take {
+                    let last = s.fed + i + 1 == s.job.prompt.len();
+                    add_failed |= batch
+                        .add(s.job.prompt[s.fed + i], s.pos, &[s.seq], last)
+                        .is_err();
+                    s.pos += 1;
+                }
+                s.fed += take;
+                room -= take;
+                if s.fed == s.job.prompt.len() {
+                    s.logits_at = Some(batch.n_tokens() - 1);
+                }
+            }
+        }
+        if batch.n_tokens() == 0 {
+            continue;
+        }
+        if add_failed {
+            fail_all(&mut ctx, &mut slots, "internal batch error");
+            continue;
+        }
+        if let Err(e) = ctx.decode(&mut batch) {
+            tracing::error!(model = %cfg.name, error = %e, "llama.cpp decode failed");
+            fail_all(&mut ctx, &mut slots, &format!("decode failed: {e}"));
+            continue;
+        }
+
+        // Sample the next token of every sequence that has logits in this batch.
+        let vocab = model.vocab();
+        for s in &mut slots {
+            let Some(slot) = s.as_mut() else { continue };
+            let Some(at) = slot.logits_at else { continue };
+            let token = slot.sampler.sample(&ctx, at);
+            let finish = if vocab.is_eog(token) && !slot.job.ignore_eos {
+                Some("stop")
+            } else {
+                slot.generated += 1;
+                piece.clear();
+                vocab.token_to_piece_into(token, &mut piece, false, None);
+                let stopped = slot.push_text(&piece);
+                if stopped {
+                    Some("stop")
+                } else if slot.generated >= slot.job.max_tokens || slot.pos as u32 >= cfg.context {
+                    Some("length")
+                } else {
+                    slot.next = Some(token);
+                    None
+                }
+            };
+            if let Some(reason) = finish {
+                slot.flush();
+                let _ = slot.job.events.send(Event::Done {
+                    finish_reason: reason,
+                    prompt_tokens: slot.job.prompt.len() as u32,
+                    completion_tokens: slot.generated,
+                });
+                free(&mut ctx, s);
+            }
+        }
+    }
+}
+
+fn free(ctx: &mut LlamaContext<'_>, slot: &mut Option<Slot>) {
+    if let Some(s) = slot.take() {
+        let _ = ctx.clear_kv_cache_seq(Some(s.seq as u32), None, None);
+    }
+}
+
+fn fail_all(ctx: &mut LlamaContext<'_>, slots: &mut [Option<Slot>], why: &str) {
+    for s in slots.iter_mut() {
+        if let Some(slot) = s.as_ref() {
+            let _ = slot.job.events.send(Event::Failed(why.to_string()));
+        }
+        free(ctx, s);
+    }
+}
+
+impl Slot {
+    /// Adds a token's bytes to the answer; sends what can no longer be part of a stop sequence.
+    /// Returns whether a stop sequence was reached (the text before it is sent, the rest dropped).
+    fn push_text(&mut self, bytes: &[u8]) -> bool {
+        self.utf8.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.utf8) {
+            Ok(s) => s.len(),
+            Err(e) if e.error_len().is_some() => {
+                // Invalid bytes, not merely incomplete ones: replace them.
+                let text = String::from_utf8_lossy(&self.utf8).into_owned();
+                self.utf8.clear();
+                self.held.push_str(&text);
+                return self.release();
+            }
+            Err(e) => e.valid_up_to(),
+        };
+        let rest = self.utf8.split_off(valid);
+        let text = std::mem::replace(&mut self.utf8, rest);
+        self.held
+            .push_str(std::str::from_utf8(&text).unwrap_or_default());
+        self.release()
+    }
+
+    fn release(&mut self) -> bool {
+        let stops = &self.job.stop;
+        if let Some(at) = stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            self.held.truncate(at);
+            self.send_held(self.held.len());
+            return true;
+        }
+        // Keep the longest tail that is a prefix of some stop sequence.
+        let keep = stops
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&n| s.is_char_boundary(n))
+                    .map(move |n| &s[..n])
+            })
+            .filter(|p| self.held.ends_with(p))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        self.send_held(self.held.len() - keep);
+        false
+    }
+
+    fn send_held(&mut self, upto: usize) {
+        if upto > 0 {
+            let rest = self.held.split_off(upto);
+            let text = std::mem::replace(&mut self.held, rest);
+            let _ = self.job.events.send(Event::Text(text));
+        }
+    }
+
+    /// At the end: whatever was held back is answer text after all.
+    fn flush(&mut self) {
+        if !self.utf8.is_empty() {
+            let text = String::from_utf8_lossy(&self.utf8).into_owned();
+            self.utf8.clear();
+            self.held.push_str(&text);
+        }
+        self.send_held(self.held.len());
+    }
+}
+
+// === request ===
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<Message>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    /// llama-server's extension: keep generating past end-of-generation tokens.
+    #[serde(default)]
+    ignore_eos: bool,
+    n: Option<u32>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    logprobs: Option<bool>,
+    logit_bias: Option<Value>,
+    response_format: Option<Value>,
+    audio: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+    tool_calls: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+fn unsupported(what: &str, param: &str) -> Error {
+    Error::InvalidRequest {
+        message: format!("{what} is not supported by local models."),
+        param: Some(param.into()),
+        code: Some("unsupported_parameter"),
+    }
+}
+
+fn out_of_range(param: &str, range: &str) -> Error {
+    Error::invalid(
+        format!("Invalid '{param}': must be {range}."),
+        Some(param.to_string()),
+    )
+}
+
+impl ChatRequest {
+    fn parse(body: &[u8]) -> Result<Self, Error> {
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        let req: ChatRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            Error::invalid(
+                format!(
+                    "Invalid request for a local model at '{path}': {}",
+                    e.inner()
+                ),
+                (path != ".").then_some(path),
+            )
+        })?;
+        let present = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+        if present(&req.tools)
+            && req
+                .tools
+                .as_ref()
+                .and_then(Value::as_array)
+                .is_none_or(|a| !a.is_empty())
+        {
+            return Err(unsupported("Tool calling", "tools"));
+        }
+        if present(&req.tool_choice)
+            && req.tool_choice.as_ref().and_then(Value::as_str) != Some("none")
+        {
+            return Err(unsupported("Tool calling", "tool_choice"));
+        }
+        if present(&req.functions) || present(&req.function_call) {
+            return Err(unsupported("Function calling", "functions"));
+        }
+        if req.n.is_some_and(|n| n != 1) {
+            return Err(unsupported("More than one choice (n > 1)", "n"));
+        }
+        if req.logprobs == Some(true) {
+            return Err(unsupported("Log probabilities", "logprobs"));
+        }
+        if req
+            .logit_bias
+            .as_ref()
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+        {
+            return Err(unsupported("Logit bias", "logit_bias"));
+        }
+        if let Some(rf) = &req.response_format
+            && !rf.is_null()
+            && rf.get("type").and_then(Value::as_str) != Some("text")
+        {
+            return Err(unsupported(
+                "A structured response_format",
+                "response_format",
+            ));
+        }
+        if present(&req.audio) {
+            return Err(unsupported("Audio output", "audio"));
+        }
+        if req.messages.is_empty() {
+            return Err(Error::invalid(
+                "'messages' must contain at least one message.",
+                Some("messages".into()),
+            ));
+        }
+        if req.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+            return Err(out_of_range("temperature", "between 0 and 2"));
+        }
+        if req.top_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+            return Err(out_of_range("top_p", "between 0 and 1"));
+        }
+        for (name, v) in [
+            ("frequency_penalty", req.frequency_penalty),
+            ("presence_penalty", req.presence_penalty),
+        ] {
+            if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+                return Err(out_of_range(name, "between -2 and 2"));
+            }
+        }
+        if req.max_tokens() == Some(0) {
+            return Err(out_of_range("max_tokens", "at least 1"));
+        }
+        if let Some(Stop::Many(s)) = &req.stop
+            && s.len() > 4
+        {
+            return Err(out_of_range("stop", "at most 4 sequences"));
+        }
+        Ok(req)
+    }
+
+    fn max_tokens(&self) -> Option<u32> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    fn stop_sequences(&self) -> Vec<String> {
+        match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        }
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect()
+    }
+
+    fn sampling(&self) -> Sampling {
+        Sampling {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(1.0),
+            top_k: self.top_k.unwrap_or(0),
+            // Without a seed, each request samples differently.
+            seed: self.seed.map_or_else(rand::random, |s| s as u32),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+        }
+    }
+
+    /// The conversation as the chat template takes it.
+    fn messages(&self) -> Result<Vec<LlamaChatMessage>, Error> {
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let param = format!("messages[{i}]");
+                let role = match m.role.as_str() {
+                    "system" | "developer" => "system",
+                    "user" => "user",
+                    "assistant" => "assistant",
+                    "tool" | "function" => return Err(unsupported("Tool results", &format!("{param}.role"))),
+                    other => {
+                        return Err(Error::invalid(
+                            format!("Invalid value for '{param}.role': '{other}'. Supported: system, developer, user, assistant."),
+                            Some(format!("{param}.role")),
+                        ));
+                    }
+                };
+                if m.tool_calls.as_ref().is_some_and(|v| !v.is_null()) {
+                    return Err(unsupported("Tool calls", &format!("{param}.tool_calls")));
+                }
+                let text = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut text = String::new();
+                        for (j, p) in parts.iter().enumerate() {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => text.push_str(t),
+                                ("text", None) => {
+                                    return Err(Error::invalid(
+                                        format!("Missing '{param}.content[{j}].text'."),
+                                        Some(format!("{param}.content[{j}].text")),
+                                    ));
+                                }
+                                (kind, _) => {
+                                    return Err(unsupported(
+                                        &format!("Content of type '{kind}' (images, audio, files)"),
+                                        &format!("{param}.content[{j}]"),
+                                    ));
+                                }
+                            }
+                        }
+                        text
+                    }
+                };
+                LlamaChatMessage::new(role.to_string(), text).map_err(|_| {
+                    Error::invalid(
+                        format!("'{param}.content' contains a NUL character."),
+                        Some(format!("{param}.content")),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+// === answer ===
+
+/// The fields every chunk or answer repeats.
+struct Answer {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+}
+
+impl Usage {
+    fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<ChunkChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize, Default)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+impl Answer {
+    fn chunk(&self, delta: Delta<'_>, finish_reason: Option<&'static str>) -> Bytes {
+        self.sse(&Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                logprobs: None,
+                finish_reason,
+            }],
+            usage: None,
+        })
+    }
+
+    fn usage_chunk(&self, usage: Usage) -> Bytes {
+        self.sse(&Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: Vec::new(),
+            usage: Some(usage),
+        })
+    }
+
+    fn sse(&self, chunk: &Chunk<'_>) -> Bytes {
+        let mut out = b"data: ".to_vec();
+        // Serializing these plain structs cannot fail.
+        let _ = serde_json::to_writer(&mut out, chunk);
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
+    }
+}
+
+/// The SSE body: frames as tokens arrive; usage chunk when asked; `[DONE]` last.
+fn stream_body(answer: Answer, rx: mpsc::UnboundedReceiver<Event>, include_usage: bool) -> Body {
+    enum State {
+        Start,
+        Tokens,
+        End,
+    }
+    let frames = futures_util::stream::unfold(
+        (answer, rx, State::Start),
+        move |(answer, mut rx, state)| async move {
+            let out: Vec<Bytes> = match state {
+                State::End => return None,
+                State::Start => {
+                    let first = answer.chunk(
+                        Delta {
+                            role: Some("assistant"),
+                            content: Some(""),
+                        },
+                        None,
+                    );
+                    return Some((Ok(Frame::data(first)), (answer, rx, State::Tokens)));
+                }
+                State::Tokens => match rx.recv().await {
+                    Some(Event::Text(t)) => vec![answer.chunk(
+                        Delta {
+                            role: None,
+                            content: Some(&t),
+                        },
+                        None,
+                    )],
+                    Some(Event::Done {
+                        finish_reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    }) => {
+                        let mut out = vec![answer.chunk(Delta::default(), Some(finish_reason))];
+                        if include_usage {
+                            out.push(
+                                answer.usage_chunk(Usage::new(prompt_tokens, completion_tokens)),
+                            );
+                        }
+                        out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                        let joined: Vec<u8> = out.concat();
+                        return Some((
+                            Ok(Frame::data(Bytes::from(joined))),
+                            (answer, rx, State::End),
+                        ));
+                    }
+                    Some(Event::Failed(why)) => {
+                        tracing::error!(error = %why, "local generation failed mid-stream");
+                        return Some((Err(std::io::Error::other(why)), (answer, rx, State::End)));
+                    }
+                    None => {
+                        return Some((
+                            Err(std::io::Error::other("the generation thread stopped")),
+                            (answer, rx, State::End),
+                        ));
+                    }
+                },
+            };
+            let joined: Vec<u8> = out.concat();
+            Some((
+                Ok(Frame::data(Bytes::from(joined))),
+                (answer, rx, State::Tokens),
+            ))
+        },
+    );
+    StreamBody::new(frames)
+        .map_err(crate::body::BoxError::from)
+        .boxed_unsync()
+}
+
+#[derive(Serialize)]
+struct Completion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [CompletionChoice<'a>; 1],
+    usage: Usage,
+}
+
+#[derive(Serialize)]
+struct CompletionChoice<'a> {
+    index: u32,
+    message: AssistantMessage<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct AssistantMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+    refusal: Option<()>,
+}
+
+/// Waits for the whole answer and writes the `chat.completion` object.
+async fn json_answer(
+    answer: Answer,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+) -> Result<Vec<u8>, Error> {
+    let mut text = String::new();
+    loop {
+        match rx.recv().await {
+            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let c = Completion {
+                    id: &answer.id,
+                    object: "chat.completion",
+                    created: answer.created,
+                    model: &answer.model,
+                    choices: [CompletionChoice {
+                        index: 0,
+                        message: AssistantMessage {
+                            role: "assistant",
+                            content: &text,
+                            refusal: None,
+                        },
+                        logprobs: None,
+                        finish_reason,
+                    }],
+                    usage: Usage::new(prompt_tokens, completion_tokens),
+                };
+                return serde_json::to_vec(&c).map_err(|e| Error::Internal(e.to_string()));
+            }
+            Some(Event::Failed(why)) => {
+                return Err(Error::Internal(format!("local generation failed: {why}")));
+            }
+            None => return Err(Error::Internal("the generation thread stopped".into())),
+        }
+    }
+}
