@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use fuke::app::App;
 use fuke::backends::Registry;
-use fuke::backends::local::{self, LocalModels};
+use fuke::backends::local::LocalModels;
 use fuke::config::{Config, LogFormat};
 use fuke::metering::LogSink;
 use fuke::policy::PolicyStore;
@@ -107,15 +107,12 @@ fn check(config_path: PathBuf) -> ExitCode {
                     problems.push(e.to_string());
                 }
             }
-            for m in &config.local_models {
-                if let Err(e) = local::check_file(m) {
-                    problems.push(format!(
-                        "{}: local_models.{}.path: {e}",
-                        config_path.display(),
-                        m.name
-                    ));
-                }
-            }
+            problems.extend(
+                config
+                    .local_model_problems()
+                    .iter()
+                    .map(ToString::to_string),
+            );
             let backends = Registry {
                 local: LocalModels::configured(&config.local_models),
                 ..Registry::default()
@@ -161,9 +158,11 @@ async fn serve_async(
     config: Config,
     log_writer: tracing_appender::non_blocking::NonBlocking,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
     let configs = config.local_models.clone();
     let local = tokio::task::spawn_blocking(move || LocalModels::load(&configs)).await?;
+    let mut metrics = Metrics::new();
+    metrics.register_collector(local.clone());
+    let metrics = Arc::new(metrics);
     let backends = Arc::new(Registry {
         local,
         ..Registry::default()

@@ -89,6 +89,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Adds metrics read at each scrape from their owner (e.g. the local models' gauges).
+    pub fn register_collector(&mut self, collector: impl prometheus_client::collector::Collector) {
+        self.registry.register_collector(Box::new(collector));
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("fuke");
         let requests = Family::<RequestLabels, Counter>::default();

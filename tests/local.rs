@@ -309,6 +309,13 @@ async fn a_client_that_disconnects_frees_its_sequence() {
         frames.next().await.unwrap().unwrap();
     }
     assert_eq!(MODELS.active_sequences("gone"), 1);
+    let metrics = send(&client(), Method::GET, &gw.url("/metrics"), None, &[], "")
+        .await
+        .text();
+    assert!(
+        metrics.contains("fuke_local_active_sequences{model=\"gone\"} 1"),
+        "{metrics}"
+    );
     drop(frames);
     // Generating the remaining ~900 tokens on one thread takes longer than `eventually` waits;
     // the sequence is freed at the next decode step instead.
@@ -420,6 +427,22 @@ async fn a_model_that_failed_to_load_answers_503_and_the_rest_serve() {
     assert!(!e["message"].as_str().unwrap().contains("Cargo.toml"));
     let r = chat_call(&gw, greedy("smol", "hi", 4)).await;
     assert_eq!(r.status, StatusCode::OK);
+
+    let metrics = send(&client(), Method::GET, &gw.url("/metrics"), None, &[], "")
+        .await
+        .text();
+    assert!(
+        metrics.contains("fuke_local_model_up{model=\"broken\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fuke_local_model_up{model=\"smol\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fuke_local_queued_requests{model=\"smol\"}"),
+        "{metrics}"
+    );
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {

@@ -294,3 +294,56 @@ fn certs_dev_writes_a_usable_set_and_check_accepts_a_tls_listener() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("do not match"));
 }
+
+#[test]
+fn check_reports_local_model_files_and_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).unwrap();
+    std::fs::write(p.join("notes.txt"), "not a model").unwrap();
+    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    std::fs::write(
+        p.join("fuke.yaml"),
+        format!(
+            "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\nlocal_models:\n  text:\n    path: notes.txt\n    kind: chat\n  gone:\n    path: nowhere.gguf\n    kind: chat\n  bert-as-chat:\n    path: {}\n    kind: chat\n  ok:\n    path: {}\n    kind: chat\n",
+            models.join("all-MiniLM-L6-v2.gguf").display(),
+            models.join("SmolLM2-135M-Instruct.Q4_1.gguf").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("policies/a.yaml"),
+        "models:\n  m1: { local: ghost }\n  m2: { local: ok, upstream: up }\n  m3: { local: ok }\n",
+    )
+    .unwrap();
+    let out = check(p);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let y = p.join("fuke.yaml").display().to_string();
+    let a = p.join("policies/a.yaml").display().to_string();
+    for expected in [
+        format!("{y}:6: local_models.text.path: "),
+        "notes.txt is not a GGUF file".to_string(),
+        format!("{y}:9: local_models.gone.path: cannot open"),
+        format!("{y}:12: local_models.bert-as-chat.path: "),
+        "has architecture `bert`, an embedding model; set `kind: embedding`".to_string(),
+        format!("{a}:2: models.m1.local: unknown local model `ghost`"),
+        format!("{a}:3: models.m2: set either `upstream` or `local`, not both"),
+    ] {
+        assert!(err.contains(&expected), "missing `{expected}` in:\n{err}");
+    }
+    assert!(!err.contains("local_models.ok"), "{err}");
+    assert!(!err.contains("models.m3"), "{err}");
+
+    // The embedder must name an embedding model.
+    std::fs::write(
+        p.join("fuke.yaml"),
+        "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\nlocal_models:\n  c: { path: x.gguf, kind: chat }\nembedder: c\n",
+    )
+    .unwrap();
+    let err = String::from_utf8(check(p).stderr).unwrap();
+    assert!(
+        err.contains("embedder: local model `c` is not of kind `embedding`"),
+        "{err}"
+    );
+}

@@ -30,6 +30,10 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::ConstGauge;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -342,6 +346,8 @@ pub struct ChatEngine {
     model: Arc<LlamaModel>,
     /// Sequences being decoded now.
     active: Arc<AtomicUsize>,
+    /// Requests waiting for a sequence.
+    queued: Arc<AtomicUsize>,
     template: LlamaChatTemplate,
     jobs: SyncSender<Job>,
     /// Tokens per sequence.
@@ -362,10 +368,11 @@ impl ChatEngine {
         let worker_model = model.clone();
         let worker_cfg = cfg.clone();
         let active = Arc::new(AtomicUsize::new(0));
-        let worker_active = active.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let counters = (active.clone(), queued.clone());
         std::thread::Builder::new()
             .name(format!("llama-{}", cfg.name))
-            .spawn(move || run_worker(&worker_model, &worker_cfg, rx, ready_tx, &worker_active))
+            .spawn(move || run_worker(&worker_model, &worker_cfg, rx, ready_tx, &counters))
             .map_err(|e| format!("cannot start the generation thread: {e}"))?;
         ready_rx
             .recv()
@@ -373,6 +380,7 @@ impl ChatEngine {
         Ok(ChatEngine {
             model,
             active,
+            queued,
             template,
             jobs,
             context: cfg.context,
@@ -417,7 +425,13 @@ impl ChatEngine {
             sampling: req.sampling(),
             events: tx,
         };
-        match self.jobs.try_send(job) {
+        // Counted before it can be taken, so the worker's decrement never comes first.
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let sent = self.jobs.try_send(job);
+        if sent.is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(Error::RateLimited {
@@ -500,7 +514,7 @@ fn run_worker(
     cfg: &LocalModelConfig,
     jobs: Receiver<Job>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
-    active: &AtomicUsize,
+    (active, queued): &(Arc<AtomicUsize>, Arc<AtomicUsize>),
 ) {
     let setup = || -> Result<(LlamaContext<'_>, u32), String> {
         let backend = llama_backend()?;
@@ -555,6 +569,7 @@ fn run_worker(
                     }
                 }
             };
+            queued.fetch_sub(1, Ordering::Relaxed);
             if job.events.is_closed() {
                 continue;
             }
@@ -1222,5 +1237,64 @@ async fn json_answer(
             }
             None => return Err(Error::Internal("the generation thread stopped".into())),
         }
+    }
+}
+
+// === metrics ===
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+impl std::fmt::Debug for LocalModels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.models.keys()).finish()
+    }
+}
+
+type GaugeOf = fn(&LocalModel) -> Option<i64>;
+
+/// Read at each scrape: whether each local model serves, and each chat model's running and
+/// waiting requests.
+impl Collector for LocalModels {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut names: Vec<&String> = self.models.keys().collect();
+        names.sort();
+        let gauges: [(&str, &str, GaugeOf); 3] = [
+            (
+                "local_model_up",
+                "1 if the local model loaded and serves, else 0",
+                |m| Some(i64::from(!matches!(m.loaded, Loaded::Failed(_)))),
+            ),
+            (
+                "local_active_sequences",
+                "Sequences a local chat model is decoding",
+                |m| match &m.loaded {
+                    Loaded::Chat(c) => Some(c.active.load(Ordering::Relaxed) as i64),
+                    _ => None,
+                },
+            ),
+            (
+                "local_queued_requests",
+                "Requests waiting for a local chat model's sequence",
+                |m| match &m.loaded {
+                    Loaded::Chat(c) => Some(c.queued.load(Ordering::Relaxed) as i64),
+                    _ => None,
+                },
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for n in &names {
+                if let Some(v) = value(&self.models[*n]) {
+                    let labels = ModelLabels {
+                        model: (*n).clone(),
+                    };
+                    ConstGauge::new(v).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -98,9 +98,31 @@ pub struct Config {
     pub log_format: LogFormat,
     pub local_models: Vec<LocalModelConfig>,
     pub embedder: Option<String>,
+    /// The file, and the line of each local model's `path`, for `fuke check`'s reports.
+    source: PathBuf,
+    local_model_lines: Vec<Option<usize>>,
 }
 
 impl Config {
+    /// Problems of the local model files (missing, not GGUF, wrong kind), without loading them.
+    /// `serve` starts anyway and answers 503 for such a model; `fuke check` reports them.
+    pub fn local_model_problems(&self) -> Vec<Problem> {
+        self.local_models
+            .iter()
+            .zip(&self.local_model_lines)
+            .filter_map(|(m, line)| {
+                crate::backends::local::check_file(m)
+                    .err()
+                    .map(|message| Problem {
+                        file: self.source.clone(),
+                        line: *line,
+                        path: format!("local_models.{}.path", m.name),
+                        message,
+                    })
+            })
+            .collect()
+    }
+
     pub fn load(path: &Path) -> Result<Config, Problems> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             Problems(vec![Problem {
@@ -201,6 +223,7 @@ impl Config {
             add("max_body_bytes".into(), "must be greater than 0".into());
         }
         let mut local_models = Vec::new();
+        let mut local_model_lines = Vec::new();
         for (name, m) in &raw.local_models {
             let key = format!("local_models.{name}");
             let defaults = LocalModelConfig::defaults(name, base.join(&m.path), m.kind);
@@ -226,6 +249,7 @@ impl Config {
                 }
             }
             local_models.push(model);
+            local_model_lines.push(lines.line_of(&format!("{key}.path")));
         }
         if let Some(name) = &raw.embedder {
             match local_models.iter().find(|m| &m.name == name) {
@@ -244,6 +268,8 @@ impl Config {
             Ok(Config {
                 local_models,
                 embedder: raw.embedder,
+                source: path.to_path_buf(),
+                local_model_lines,
                 listeners,
                 policies_dir: base.join(raw.policies.unwrap_or_else(|| "policies".into())),
                 settings,

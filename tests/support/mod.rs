@@ -153,6 +153,9 @@ impl Gateway {
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir_all(&policy_dir).unwrap();
         std::fs::write(policy_dir.join("main.yaml"), policy).unwrap();
+        let mut metrics = Metrics::new();
+        metrics.register_collector(opts.local.clone());
+        let metrics = Arc::new(metrics);
         let store = PolicyStore::open(
             &policy_dir,
             Arc::new(Registry {
@@ -161,7 +164,6 @@ impl Gateway {
             }),
         )
         .unwrap_or_else(|p| panic!("test policy invalid:\n{p}"));
-        let metrics = Arc::new(Metrics::new());
         let sink = Arc::new(CollectingSink::default());
         let app = App::new(Arc::new(store), sink.clone(), metrics, opts.settings);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
