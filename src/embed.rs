@@ -47,8 +47,9 @@ impl Embedder {
     pub(crate) fn start(cfg: &LocalModelConfig) -> Result<Self, String> {
         let model = Arc::new(load_model(cfg)?);
         let max_tokens = (cfg.context as usize).min(model.n_ctx_train() as usize);
-        // One batch holds at least one input of the longest length, and several short ones.
-        let n_batch = (max_tokens as u32).max(2048);
+        // One batch holds one input of the longest length, or several short ones. (Larger would
+        // exceed the trained context, which llama.cpp warns about even for separate sequences.)
+        let n_batch = max_tokens as u32;
         let (jobs, rx) = std::sync::mpsc::sync_channel(cfg.queue as usize);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let worker_model = model.clone();
@@ -56,8 +57,11 @@ impl Embedder {
         std::thread::Builder::new()
             .name(format!("embed-{}", cfg.name))
             .spawn(move || {
+                // Unified: an encoder keeps no KV cache, so the whole context is one batch
+                // (split per sequence, llama.cpp would round each share up to 256 tokens).
                 let params = LlamaContextParams::default()
                     .with_embeddings(true)
+                    .with_kv_unified(true)
                     .with_n_ctx(NonZeroU32::new(n_batch))
                     .with_n_batch(n_batch)
                     .with_n_ubatch(n_batch)

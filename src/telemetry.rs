@@ -216,7 +216,9 @@ pub fn init_logging(
             64 * 1024,
             std::io::stderr(),
         ));
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // llama.cpp logs every model's metadata at info level: its warnings are what an operator needs.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,llama-cpp-2=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer.clone())

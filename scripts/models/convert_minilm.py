@@ -109,8 +109,8 @@ def main(model_dir: Path, out_path: Path) -> None:
 
     # Tokenizer. "bert" selects llama.cpp's WordPiece tokenizer, which brackets each
     # input as bos ... separator, i.e. [CLS] ... [SEP]; llama.cpp has no separate cls id.
-    # add_bos/add_eos are informational here (the WPM tokenizer ignores them); they
-    # match what the upstream converter writes for this model.
+    # No eos id: an encoder never ends generation, and llama.cpp warns at every load when
+    # the eos token (which would be [SEP]) is not an end-of-generation token.
     tokens, types = phantom_space_vocab(tokenizer)
     token_id = tokenizer["model"]["vocab"]
     writer.add_tokenizer_model("bert")
@@ -118,13 +118,11 @@ def main(model_dir: Path, out_path: Path) -> None:
     writer.add_token_types(types)
     writer.add_token_type_count(config["type_vocab_size"])
     writer.add_bos_token_id(token_id[specials["cls_token"]])
-    writer.add_eos_token_id(token_id[specials["sep_token"]])
     writer.add_sep_token_id(token_id[specials["sep_token"]])
     writer.add_unk_token_id(token_id[specials["unk_token"]])
     writer.add_pad_token_id(token_id[specials["pad_token"]])
     writer.add_mask_token_id(token_id[specials["mask_token"]])
     writer.add_add_bos_token(True)
-    writer.add_add_eos_token(True)
 
     # Tensors. The GGUF writer reverses the numpy shape, so a PyTorch Linear weight
     # [out, in] becomes ne = {in, out}, which is what llama.cpp expects; no transposes.
