@@ -90,7 +90,7 @@ async def chat(base, key, model, concurrency, rounds, max_tokens):
 async def embed(base, key, model, n):
     # A 20-word sentence.
     text = ("Where can I find the tracking number for the parcel I ordered last week "
-            "from your online shop please tell me")
+            "from your online shop tell me")
     assert len(text.split()) == 20
     times = []
     async with httpx.AsyncClient(timeout=60) as client:

@@ -59,7 +59,7 @@ run_chat() { # name base model
   done
 }
 
-RUST_LOG=warn target/release/fuke serve -c "$tmp/fuke.yaml" 2>"$tmp/fuke.log" &
+RUST_LOG=warn target/release/fuke serve -c "$tmp/fuke.yaml" >"$tmp/fuke.log" 2>&1 &
 pids+=($!)
 wait_for http://127.0.0.1:19300/readyz
 run_chat fuke http://127.0.0.1:19300/v1 smollm2 | tee "$tmp/results"
@@ -68,7 +68,8 @@ printf 'fuke embed ' | tee -a "$tmp/results"
 kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
 
 "$py" -m llama_cpp.server --model "$model" --host 127.0.0.1 --port 19301 --n_ctx 2048 \
-  --n_threads "$threads" --n_threads_batch "$threads" --verbose False 2>"$tmp/llama.log" &
+  --n_threads "$threads" --n_threads_batch "$threads" --interrupt_requests False \
+  --verbose False >"$tmp/llama.log" 2>&1 &
 pids+=($!)
 wait_for http://127.0.0.1:19301/v1/models
 run_chat llama-cpp-python http://127.0.0.1:19301/v1 smollm2 | tee -a "$tmp/results"

@@ -161,7 +161,14 @@ async fn deterministic_answer_is_stable_and_stream_agrees_with_json() {
     let a = chat_call(&gw, body.clone()).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
     let a = a.json();
+    // The same prompt again: all but its last token come from the sequence's cache, and the
+    // answer is the same.
+    let reused = MODELS.reused_prompt_tokens("solo");
     let b = chat_call(&gw, body.clone()).await.json();
+    assert_eq!(
+        MODELS.reused_prompt_tokens("solo") - reused,
+        a["usage"]["prompt_tokens"].as_u64().unwrap() - 1
+    );
     let text = a["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(!text.trim().is_empty(), "empty answer: {a}");
     assert_eq!(text, b["choices"][0]["message"]["content"], "not stable");
@@ -441,6 +448,10 @@ async fn a_model_that_failed_to_load_answers_503_and_the_rest_serve() {
     );
     assert!(
         metrics.contains("fuke_local_queued_requests{model=\"smol\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fuke_local_prompt_tokens_reused_total{model=\"smol\"}"),
         "{metrics}"
     );
 }

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -33,6 +33,7 @@ use llama_cpp_2::token::LlamaToken;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -230,6 +231,14 @@ impl LocalModels {
         }
     }
 
+    /// Prompt tokens a local chat model took from its cache so far (0 for other models).
+    pub fn reused_prompt_tokens(&self, name: &str) -> u64 {
+        match self.models.get(name).map(|m| &m.loaded) {
+            Some(Loaded::Chat(c)) => c.reused.load(Ordering::Relaxed),
+            _ => 0,
+        }
+    }
+
     /// Why a model is not serving, if it is not.
     pub fn failure(&self, name: &str) -> Option<&str> {
         match &self.models.get(name)?.loaded {
@@ -348,6 +357,8 @@ pub struct ChatEngine {
     active: Arc<AtomicUsize>,
     /// Requests waiting for a sequence.
     queued: Arc<AtomicUsize>,
+    /// Prompt tokens taken from a sequence's cache instead of being decoded again.
+    reused: Arc<AtomicU64>,
     template: LlamaChatTemplate,
     jobs: SyncSender<Job>,
     /// Tokens per sequence.
@@ -369,7 +380,12 @@ impl ChatEngine {
         let worker_cfg = cfg.clone();
         let active = Arc::new(AtomicUsize::new(0));
         let queued = Arc::new(AtomicUsize::new(0));
-        let counters = (active.clone(), queued.clone());
+        let reused = Arc::new(AtomicU64::new(0));
+        let counters = Counters {
+            active: active.clone(),
+            queued: queued.clone(),
+            reused: reused.clone(),
+        };
         std::thread::Builder::new()
             .name(format!("llama-{}", cfg.name))
             .spawn(move || run_worker(&worker_model, &worker_cfg, rx, ready_tx, &counters))
@@ -381,6 +397,7 @@ impl ChatEngine {
             model,
             active,
             queued,
+            reused,
             template,
             jobs,
             context: cfg.context,
@@ -404,6 +421,12 @@ impl ChatEngine {
         // The template writes the special tokens as text; parse them as special tokens.
         let tokens = self.model.vocab().tokenize(prompt.as_bytes(), true, true);
         let n_prompt = tokens.len() as u32;
+        if n_prompt == 0 {
+            return Err(Error::invalid(
+                "The messages are empty.",
+                Some("messages".into()),
+            ));
+        }
         if n_prompt >= self.context {
             return Err(Error::InvalidRequest {
                 message: format!(
@@ -489,10 +512,19 @@ impl ChatEngine {
 /// sequence without sending anything.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// What the generation thread reports to the rest of the process.
+struct Counters {
+    active: Arc<AtomicUsize>,
+    queued: Arc<AtomicUsize>,
+    reused: Arc<AtomicU64>,
+}
+
 /// A sequence being decoded.
 struct Slot {
     seq: i32,
     job: Job,
+    /// Tokens in this sequence's KV cache.
+    tokens: Vec<LlamaToken>,
     /// Prompt tokens already in the KV cache.
     fed: usize,
     /// Position of the next token.
@@ -514,7 +546,11 @@ fn run_worker(
     cfg: &LocalModelConfig,
     jobs: Receiver<Job>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
-    (active, queued): &(Arc<AtomicUsize>, Arc<AtomicUsize>),
+    Counters {
+        active,
+        queued,
+        reused,
+    }: &Counters,
 ) {
     let setup = || -> Result<(LlamaContext<'_>, u32), String> {
         let backend = llama_backend()?;
@@ -544,14 +580,14 @@ fn run_worker(
     };
     let mut batch = LlamaBatch::new(n_batch as usize, 1);
     let mut slots: Vec<Option<Slot>> = (0..cfg.parallel).map(|_| None).collect();
+    // The tokens each sequence's KV cache holds (left from its last request): a new prompt that
+    // starts the same way (system prompt, earlier turns) is decoded only from where it differs.
+    let mut cached: Vec<Vec<LlamaToken>> = vec![Vec::new(); slots.len()];
     let mut piece = Vec::new();
     loop {
         active.store(slots.iter().flatten().count(), Ordering::Relaxed);
         // Admit waiting requests into free sequences; sleep only when nothing runs.
-        for seq in 0..slots.len() {
-            if slots[seq].is_some() {
-                continue;
-            }
+        while slots.iter().any(Option::is_none) {
             let job = if slots.iter().all(Option::is_none) {
                 match jobs.recv() {
                     Ok(j) => j,
@@ -573,12 +609,37 @@ fn run_worker(
             if job.events.is_closed() {
                 continue;
             }
+            // The free sequence whose cache shares the longest prefix with this prompt. At least
+            // the last prompt token is decoded again: its logits give the first answer token.
+            let (seq, reuse) = (0..slots.len())
+                .filter(|&s| slots[s].is_none())
+                .map(|s| {
+                    (
+                        s,
+                        common_prefix(&cached[s], &job.prompt)
+                            .min(job.prompt.len().saturating_sub(1)),
+                    )
+                })
+                .max_by_key(|&(s, n)| (n, std::cmp::Reverse(s)))
+                .unwrap_or_default();
+            let mut tokens = std::mem::take(&mut cached[seq]);
+            tokens.truncate(reuse);
+            if ctx
+                .clear_kv_cache_seq(Some(seq as u32), Some(reuse as u32), None)
+                .is_err()
+            {
+                tokens.clear();
+                let _ = ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            }
+            let reuse = tokens.len();
+            reused.fetch_add(reuse as u64, Ordering::Relaxed);
             slots[seq] = Some(Slot {
                 seq: seq as i32,
                 sampler: job.sampling.sampler(model.n_vocab()),
                 job,
-                fed: 0,
-                pos: 0,
+                tokens,
+                fed: reuse,
+                pos: reuse as i32,
                 generated: 0,
                 next: None,
                 utf8: Vec::new(),
@@ -590,7 +651,7 @@ fn run_worker(
         // Free the sequences whose client went away.
         for s in &mut slots {
             if s.as_ref().is_some_and(|s| s.job.events.is_closed()) {
-                free(&mut ctx, s);
+                release(s, &mut cached);
             }
         }
         active.store(slots.iter().flatten().count(), Ordering::Relaxed);
@@ -603,6 +664,7 @@ fn run_worker(
             s.logits_at = None;
             if let Some(t) = s.next.take() {
                 add_failed |= batch.add(t, s.pos, &[s.seq], true).is_err();
+                s.tokens.push(t);
                 s.logits_at = Some(batch.n_tokens() - 1);
                 s.pos += 1;
                 room -= 1;
@@ -613,9 +675,9 @@ fn run_worker(
                 let take = room.min(s.job.prompt.len() - s.fed);
                 for i in 0..take {
                     let last = s.fed + i + 1 == s.job.prompt.len();
-                    add_failed |= batch
-                        .add(s.job.prompt[s.fed + i], s.pos, &[s.seq], last)
-                        .is_err();
+                    let t = s.job.prompt[s.fed + i];
+                    add_failed |= batch.add(t, s.pos, &[s.seq], last).is_err();
+                    s.tokens.push(t);
                     s.pos += 1;
                 }
                 s.fed += take;
@@ -629,12 +691,17 @@ fn run_worker(
             continue;
         }
         if add_failed {
-            fail_all(&mut ctx, &mut slots, "internal batch error");
+            fail_all(&mut ctx, &mut slots, &mut cached, "internal batch error");
             continue;
         }
         if let Err(e) = ctx.decode(&mut batch) {
             tracing::error!(model = %cfg.name, error = %e, "llama.cpp decode failed");
-            fail_all(&mut ctx, &mut slots, &format!("decode failed: {e}"));
+            fail_all(
+                &mut ctx,
+                &mut slots,
+                &mut cached,
+                &format!("decode failed: {e}"),
+            );
             continue;
         }
 
@@ -667,25 +734,39 @@ fn run_worker(
                     prompt_tokens: slot.job.prompt.len() as u32,
                     completion_tokens: slot.generated,
                 });
-                free(&mut ctx, s);
+                release(s, &mut cached);
             }
         }
     }
 }
 
-fn free(ctx: &mut LlamaContext<'_>, slot: &mut Option<Slot>) {
+/// Ends a request; its sequence's cache stays for the next prompt with the same beginning.
+fn release(slot: &mut Option<Slot>, cached: &mut [Vec<LlamaToken>]) {
     if let Some(s) = slot.take() {
-        let _ = ctx.clear_kv_cache_seq(Some(s.seq as u32), None, None);
+        cached[s.seq as usize] = s.tokens;
     }
 }
 
-fn fail_all(ctx: &mut LlamaContext<'_>, slots: &mut [Option<Slot>], why: &str) {
+/// Fails every running request and empties the whole cache (after a failed decode its state is
+/// unknown).
+fn fail_all(
+    ctx: &mut LlamaContext<'_>,
+    slots: &mut [Option<Slot>],
+    cached: &mut [Vec<LlamaToken>],
+    why: &str,
+) {
     for s in slots.iter_mut() {
-        if let Some(slot) = s.as_ref() {
+        if let Some(slot) = s.take() {
             let _ = slot.job.events.send(Event::Failed(why.to_string()));
         }
-        free(ctx, s);
     }
+    ctx.clear_kv_cache();
+    cached.iter_mut().for_each(Vec::clear);
+}
+
+/// Length of the common beginning of two token lists.
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl Slot {
@@ -1293,6 +1374,21 @@ impl Collector for LocalModels {
                     };
                     ConstGauge::new(v).encode(metric.encode_family(&labels)?)?;
                 }
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "local_prompt_tokens_reused",
+            "Prompt tokens a local chat model took from a sequence's cache instead of decoding",
+            None,
+            MetricType::Counter,
+        )?;
+        for n in &names {
+            if let Loaded::Chat(c) = &self.models[*n].loaded {
+                let labels = ModelLabels {
+                    model: (*n).clone(),
+                };
+                ConstCounter::new(c.reused.load(Ordering::Relaxed))
+                    .encode(metric.encode_family(&labels)?)?;
             }
         }
         Ok(())
