@@ -17,6 +17,8 @@ import time
 
 import httpx
 
+SYSTEM = "You are a helpful assistant for an online shop. Answer clearly and politely."
+
 PROMPTS = [
     "Explain how a refund is processed after an order is returned.",
     "Describe the water cycle for a ten year old.",
@@ -32,9 +34,15 @@ PROMPTS = [
 async def one_stream(client, url, key, model, prompt, max_tokens):
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        # An explicit system message: both servers then format the same prompt (SmolLM2's jinja
+        # template adds a default system prompt when there is none; llama.cpp's built-in ChatML
+        # formatting, which Fuke uses, does not).
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
         "stream": True,
         "temperature": 0,
+        # llama-cpp-python's server applies repeat_penalty 1.1 unless told otherwise; Fuke
+        # applies none (OpenAI has no such parameter) and ignores the field.
+        "repeat_penalty": 1.0,
         "max_tokens": max_tokens,
     }
     start = time.perf_counter()
