@@ -8,7 +8,8 @@
 //!   -> auth: bearer key -> Principal under one pinned Arc<Policy>      auth, policy
 //!   -> policy: model allowed? rate limit                               app, limits
 //!   -> body: size cap, parse only what we act on, rewrite model        proxy, openai
-//!   -> backend: remote OpenAI-compatible server (pooled, rustls)        backends
+//!   -> backend: remote OpenAI-compatible server (pooled, rustls),       backends
+//!      or a local GGUF model in-process (llama.cpp, batched)            backends::local, embed
 //!   -> relay: JSON whole / SSE frames as they arrived; usage sniffed    relay, sse
 //!   -> metering: UsageEvent recorded before the last bytes go out       metering
 //! ```
