@@ -556,3 +556,31 @@ async fn models_list_shows_local_aliases() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["id"], "smol");
 }
+
+#[tokio::test]
+async fn the_openai_sdk_gets_answers_and_embeddings_from_local_models() {
+    let gw = gateway().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk_local.py");
+    let out = tokio::process::Command::new("python3")
+        .args([script, &gw.url("/v1"), KEY_ACME, "smol", "mini"])
+        .output()
+        .await
+        .expect("python3 is needed (scripts/test.sh installs the test prerequisites)");
+    assert!(
+        out.status.success(),
+        "SDK script failed (is the `openai` package installed? scripts/test.sh does it):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["json_text"].as_str().unwrap().contains("Paris"), "{v}");
+    assert!(v["stream_text"].as_str().unwrap().contains("Paris"), "{v}");
+    let u = &v["json_usage"];
+    assert_eq!(
+        u[2].as_u64().unwrap(),
+        u[0].as_u64().unwrap() + u[1].as_u64().unwrap()
+    );
+    assert_eq!(v["stream_roles"], json!(["assistant"]));
+    assert_eq!(v["stream_usage"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["embedding_dims"], json!([384, 384]));
+    assert_eq!(v["base64_matches"], true);
+}
