@@ -203,6 +203,29 @@ async fn deterministic_answer_is_stable_and_stream_agrees_with_json() {
 }
 
 #[tokio::test]
+async fn the_gguf_jinja_template_is_applied() {
+    // SmolLM2's template adds its default system prompt when a conversation has none: with the
+    // template applied as written, leaving it out and writing it out give the same prompt.
+    let gw = gateway().await;
+    let prompt_tokens = |messages: Value| {
+        let body = json!({"model": "smol", "messages": messages, "max_tokens": 1});
+        let gw = &gw;
+        async move {
+            let r = chat_call(gw, body).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+            r.json()["usage"]["prompt_tokens"].as_u64().unwrap()
+        }
+    };
+    let implicit = prompt_tokens(json!([{"role": "user", "content": "hi"}])).await;
+    let explicit = prompt_tokens(json!([
+        {"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
+        {"role": "user", "content": "hi"}
+    ]))
+    .await;
+    assert_eq!(implicit, explicit);
+}
+
+#[tokio::test]
 async fn max_tokens_and_stop_sequences_cut_the_answer() {
     let gw = gateway().await;
     let question = "Write one sentence about the sea.";

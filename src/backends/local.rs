@@ -142,7 +142,7 @@ pub(crate) fn load_model(cfg: &LocalModelConfig) -> Result<LlamaModel, String> {
 
 /// What a configured local model became at start.
 enum Loaded {
-    Chat(ChatEngine),
+    Chat(Box<ChatEngine>),
     Embedding(Arc<Embedder>),
     /// Not loaded (load failed, or `fuke check` which loads nothing): why.
     Failed(String),
@@ -173,7 +173,7 @@ impl LocalModels {
         Self::build(configs, |cfg| {
             let started = std::time::Instant::now();
             let loaded = match cfg.kind {
-                LocalKind::Chat => ChatEngine::start(cfg).map(Loaded::Chat),
+                LocalKind::Chat => ChatEngine::start(cfg).map(|c| Loaded::Chat(Box::new(c))),
                 LocalKind::Embedding => {
                     Embedder::start(cfg).map(|e| Loaded::Embedding(Arc::new(e)))
                 }
@@ -359,7 +359,7 @@ pub struct ChatEngine {
     queued: Arc<AtomicUsize>,
     /// Prompt tokens taken from a sequence's cache instead of being decoded again.
     reused: Arc<AtomicU64>,
-    template: LlamaChatTemplate,
+    template: ChatTemplate,
     jobs: SyncSender<Job>,
     /// Tokens per sequence.
     context: u32,
@@ -369,10 +369,7 @@ pub struct ChatEngine {
 impl ChatEngine {
     fn start(cfg: &LocalModelConfig) -> Result<Self, String> {
         let model = Arc::new(load_model(cfg)?);
-        let template = model
-            .chat_template(None)
-            .or_else(|_| LlamaChatTemplate::new("chatml"))
-            .map_err(|e| format!("chat template: {e}"))?;
+        let template = ChatTemplate::of(&model, &cfg.name)?;
         // Waiting requests beyond those being decoded.
         let (jobs, rx) = std::sync::mpsc::sync_channel(cfg.queue as usize);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -409,17 +406,12 @@ impl ChatEngine {
     async fn chat(&self, body: &[u8], id: &str) -> Result<BackendResponse, Error> {
         let req = ChatRequest::parse(body)?;
         let messages = req.messages()?;
-        let prompt = self
-            .model
-            .apply_chat_template(&self.template, &messages, true)
-            .map_err(|e| {
-                Error::invalid(
-                    format!("The messages could not be formatted for the local model: {e}"),
-                    Some("messages".into()),
-                )
-            })?;
-        // The template writes the special tokens as text; parse them as special tokens.
-        let tokens = self.model.vocab().tokenize(prompt.as_bytes(), true, true);
+        let prompt = self.template.apply(&self.model, &messages)?;
+        // The template writes special tokens as text: parse them as special tokens, and add the
+        // model's BOS only if the template did not write it.
+        let vocab = self.model.vocab();
+        let add_bos = !self.template.writes_bos(&prompt);
+        let tokens = vocab.tokenize(prompt.as_bytes(), add_bos, true);
         let n_prompt = tokens.len() as u32;
         if n_prompt == 0 {
             return Err(Error::invalid(
@@ -838,6 +830,134 @@ impl Slot {
     }
 }
 
+// === chat template ===
+
+/// One message as chat templates see it.
+struct ChatTurn {
+    role: &'static str,
+    content: String,
+}
+
+/// How a model's conversation becomes its prompt. The GGUF's own jinja template, rendered as
+/// Hugging Face renders it (trim/lstrip blocks, Python string methods, `raise_exception`); when
+/// the GGUF has none or it does not compile, llama.cpp's built-in engine, which recognises
+/// common templates by their markers (ChatML if the GGUF has no template at all).
+struct ChatTemplate {
+    jinja: Option<minijinja::Environment<'static>>,
+    builtin: LlamaChatTemplate,
+    bos: String,
+    eos: String,
+}
+
+impl ChatTemplate {
+    fn of(model: &LlamaModel, name: &str) -> Result<Self, String> {
+        let source = model.chat_template(None).ok();
+        let builtin = match &source {
+            Some(t) => LlamaChatTemplate::new(t.to_str().unwrap_or("chatml")),
+            None => LlamaChatTemplate::new("chatml"),
+        }
+        .map_err(|e| format!("chat template: {e}"))?;
+        let jinja = source
+            .and_then(|t| t.to_string().ok())
+            .and_then(|source| match jinja_env(source) {
+                Ok(env) => Some(env),
+                Err(e) => {
+                    tracing::warn!(model = %name, error = %e,
+                        "the GGUF's jinja chat template does not compile; using llama.cpp's template engine");
+                    None
+                }
+            });
+        let vocab = model.vocab();
+        let piece = |t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+        Ok(ChatTemplate {
+            jinja,
+            builtin,
+            bos: piece(vocab.bos()),
+            eos: piece(vocab.eos()),
+        })
+    }
+
+    fn apply(&self, model: &LlamaModel, turns: &[ChatTurn]) -> Result<String, Error> {
+        if let Some(env) = &self.jinja {
+            let messages: minijinja::Value = turns
+                .iter()
+                .map(|t| {
+                    minijinja::Value::from_pairs([
+                        ("role", minijinja::Value::from(t.role)),
+                        ("content", minijinja::Value::from(t.content.as_str())),
+                    ])
+                })
+                .collect();
+            let rendered = env.get_template("chat").and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => true,
+                    bos_token => &self.bos,
+                    eos_token => &self.eos,
+                })
+            });
+            match rendered {
+                Ok(prompt) => return Ok(prompt),
+                // The template refused the conversation (e.g. roles that do not alternate).
+                Err(e) if e.kind() == minijinja::ErrorKind::InvalidOperation => {
+                    return Err(Error::invalid(
+                        format!(
+                            "The local model's chat template refused the messages: {}",
+                            e.detail().unwrap_or("invalid conversation")
+                        ),
+                        Some("messages".into()),
+                    ));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "jinja chat template failed; using llama.cpp's engine")
+                }
+            }
+        }
+        let messages = turns
+            .iter()
+            .map(|t| LlamaChatMessage::new(t.role.to_string(), t.content.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                Error::invalid(format!("Invalid message: {e}"), Some("messages".into()))
+            })?;
+        model
+            .apply_chat_template(&self.builtin, &messages, true)
+            .map_err(|e| {
+                Error::invalid(
+                    format!("The messages could not be formatted for the local model: {e}"),
+                    Some("messages".into()),
+                )
+            })
+    }
+
+    /// Whether the rendered prompt already starts with the BOS token.
+    fn writes_bos(&self, prompt: &str) -> bool {
+        !self.bos.is_empty() && prompt.starts_with(&self.bos)
+    }
+}
+
+fn jinja_env(source: String) -> Result<minijinja::Environment<'static>, minijinja::Error> {
+    let mut env = minijinja::Environment::new();
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()?,
+    );
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                message,
+            ))
+        },
+    );
+    env.add_template_owned("chat", source)?;
+    Ok(env)
+}
+
 // === request ===
 
 #[derive(Deserialize)]
@@ -1036,7 +1156,7 @@ impl ChatRequest {
     }
 
     /// The conversation as the chat template takes it.
-    fn messages(&self) -> Result<Vec<LlamaChatMessage>, Error> {
+    fn messages(&self) -> Result<Vec<ChatTurn>, Error> {
         self.messages
             .iter()
             .enumerate()
@@ -1082,11 +1202,15 @@ impl ChatRequest {
                         text
                     }
                 };
-                LlamaChatMessage::new(role.to_string(), text).map_err(|_| {
-                    Error::invalid(
+                if text.contains('\0') {
+                    return Err(Error::invalid(
                         format!("'{param}.content' contains a NUL character."),
                         Some(format!("{param}.content")),
-                    )
+                    ));
+                }
+                Ok(ChatTurn {
+                    role,
+                    content: text,
                 })
             })
             .collect()
@@ -1392,5 +1516,46 @@ impl Collector for LocalModels {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(template: &str, turns: &[(&'static str, &str)]) -> Result<String, minijinja::Error> {
+        let env = jinja_env(template.to_string())?;
+        let messages: minijinja::Value = turns
+            .iter()
+            .map(|(role, content)| {
+                minijinja::Value::from_pairs([
+                    ("role", minijinja::Value::from(*role)),
+                    ("content", minijinja::Value::from(*content)),
+                ])
+            })
+            .collect();
+        env.get_template("chat")?.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => "<s>",
+        })
+    }
+
+    #[test]
+    fn jinja_templates_render_as_hugging_face_does() {
+        // Block tags on their own lines leave no blank lines (trim/lstrip blocks), Python string
+        // methods work, and the generation prompt is added.
+        let t = "{{ bos_token }}{% for m in messages %}\n  {% if m['role'] == 'user' %}\n[U] {{ m['content'].strip() }}\n  {% else %}\n[{{ m['role'].upper() }}] {{ m['content'] }}\n  {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}[A]{% endif %}";
+        let out = render(t, &[("system", "be brief"), ("user", "  hi  ")]).unwrap();
+        assert_eq!(out, "<s>[SYSTEM] be brief\n[U] hi\n[A]");
+    }
+
+    #[test]
+    fn raise_exception_refuses_the_conversation() {
+        let t = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}ok";
+        let e = render(t, &[("assistant", "x")]).unwrap_err();
+        assert_eq!(e.kind(), minijinja::ErrorKind::InvalidOperation);
+        assert_eq!(e.detail(), Some("first message must be from the user"));
+        assert_eq!(render(t, &[("user", "x")]).unwrap(), "ok");
     }
 }

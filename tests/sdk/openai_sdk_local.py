@@ -11,7 +11,10 @@ from openai import OpenAI
 
 base, key, chat_model, embed_model = sys.argv[1:5]
 client = OpenAI(base_url=base, api_key=key, max_retries=0)
-msgs = [{"role": "user", "content": "What is the capital of France?"}]
+msgs = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 out = {}
 
 r = client.chat.completions.create(model=chat_model, messages=msgs, temperature=0, max_tokens=16)
