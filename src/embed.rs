@@ -7,7 +7,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::backends::BackendResponse;
-use crate::backends::local::{LocalModelConfig, llama_backend, load_model};
+use crate::backends::local::{LocalModelConfig, llama_backend, load_model, refused, unavailable};
 use crate::body;
 use crate::error::Error;
 
@@ -135,30 +135,13 @@ impl Embedder {
             return Ok(Vec::new());
         }
         let (reply, rx) = oneshot::channel();
-        match self.jobs.try_send(Job { inputs, reply }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(Error::RateLimited {
-                    message: format!(
-                        "The local model `{}` is busy; its queue is full. Retry shortly.",
-                        self.name
-                    ),
-                    retry_after_secs: 1,
-                });
-            }
-            Err(TrySendError::Disconnected(_)) => return Err(self.stopped()),
-        }
+        self.jobs
+            .try_send(Job { inputs, reply })
+            .map_err(|e| refused(&self.name, e))?;
         match rx.await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(Error::Internal(format!("embedding failed: {e}"))),
-            Err(_) => Err(self.stopped()),
-        }
-    }
-
-    fn stopped(&self) -> Error {
-        Error::Unavailable {
-            message: format!("The local model `{}` is not available.", self.name),
-            detail: "the embedding thread stopped".into(),
+            Err(_) => Err(unavailable(&self.name, "the embedding thread stopped")),
         }
     }
 

@@ -115,6 +115,16 @@ async fn chat_call(gw: &Gateway, body: Value) -> Reply {
     .await
 }
 
+async fn embeddings_call(gw: &Gateway, body: Value) -> Reply {
+    post(
+        &client(),
+        &gw.url("/v1/embeddings"),
+        KEY_ACME,
+        &body.to_string(),
+    )
+    .await
+}
+
 fn greedy(model: &str, question: &str, max_tokens: u32) -> Value {
     json!({
         "model": model,
@@ -432,13 +442,7 @@ async fn what_a_local_model_cannot_do_is_refused_clearly() {
         }
     }
     // Each kind serves its own endpoint only.
-    let r = post(
-        &client(),
-        &gw.url("/v1/embeddings"),
-        KEY_ACME,
-        &json!({"model": "smol", "input": "x"}).to_string(),
-    )
-    .await;
+    let r = embeddings_call(&gw, json!({"model": "smol", "input": "x"})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.openai_error()["code"], "unsupported_endpoint");
     let r = chat_call(&gw, greedy("mini", "hi", 4)).await;
@@ -514,13 +518,7 @@ async fn embeddings_match_the_reference_model() {
         "How can I get my money back?",
         "The weather is lovely today."
     ]);
-    let float = post(
-        &client(),
-        &gw.url("/v1/embeddings"),
-        KEY_ACME,
-        &json!({"model": "mini", "input": input}).to_string(),
-    )
-    .await;
+    let float = embeddings_call(&gw, json!({"model": "mini", "input": input})).await;
     assert_eq!(float.status, StatusCode::OK, "{}", float.text());
     let float = float.json();
     assert_eq!(float["object"], "list");
@@ -533,12 +531,9 @@ async fn embeddings_match_the_reference_model() {
     assert!(cosine(&vecs[0], &vecs[1]) > 0.6);
     assert!(cosine(&vecs[0], &vecs[2]) < 0.3);
 
-    let b64 = post(
-        &client(),
-        &gw.url("/v1/embeddings"),
-        KEY_ACME,
-        &json!({"model": "mini", "input": "How do I get a refund?", "encoding_format": "base64"})
-            .to_string(),
+    let b64 = embeddings_call(
+        &gw,
+        json!({"model": "mini", "input": "How do I get a refund?", "encoding_format": "base64"}),
     )
     .await
     .json();
@@ -553,11 +548,9 @@ async fn embeddings_match_the_reference_model() {
     // differ in the last bits with the batch's shape).
     assert!(cosine(&decoded, &vecs[0]) > 0.99999);
 
-    let r = post(
-        &client(),
-        &gw.url("/v1/embeddings"),
-        KEY_ACME,
-        &json!({"model": "mini", "input": "x", "dimensions": 64}).to_string(),
+    let r = embeddings_call(
+        &gw,
+        json!({"model": "mini", "input": "x", "dimensions": 64}),
     )
     .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);

@@ -140,6 +140,27 @@ pub(crate) fn load_model(cfg: &LocalModelConfig) -> Result<LlamaModel, String> {
     })
 }
 
+/// A local model that cannot serve now; `detail` goes to the log only.
+pub(crate) fn unavailable(model: &str, detail: &str) -> Error {
+    Error::Unavailable {
+        message: format!("The local model `{model}` is not available."),
+        detail: detail.to_string(),
+    }
+}
+
+/// Why a local model's queue did not take a request: full (429, retry) or its thread is gone.
+pub(crate) fn refused<T>(model: &str, e: TrySendError<T>) -> Error {
+    match e {
+        TrySendError::Full(_) => Error::RateLimited {
+            message: format!(
+                "The local model `{model}` is busy; its queue is full. Retry shortly."
+            ),
+            retry_after_secs: 1,
+        },
+        TrySendError::Disconnected(_) => unavailable(model, "its worker thread stopped"),
+    }
+}
+
 /// What a configured local model became at start.
 enum Loaded {
     Chat(Box<ChatEngine>),
@@ -226,7 +247,7 @@ impl LocalModels {
     /// Sequences a local chat model is decoding now (0 for other models).
     pub fn active_sequences(&self, name: &str) -> usize {
         match self.models.get(name).map(|m| &m.loaded) {
-            Some(Loaded::Chat(c)) => c.active.load(Ordering::Relaxed),
+            Some(Loaded::Chat(c)) => c.counters.active.load(Ordering::Relaxed),
             _ => 0,
         }
     }
@@ -234,7 +255,7 @@ impl LocalModels {
     /// Prompt tokens a local chat model took from its cache so far (0 for other models).
     pub fn reused_prompt_tokens(&self, name: &str) -> u64 {
         match self.models.get(name).map(|m| &m.loaded) {
-            Some(Loaded::Chat(c)) => c.reused.load(Ordering::Relaxed),
+            Some(Loaded::Chat(c)) => c.counters.reused.load(Ordering::Relaxed),
             _ => 0,
         }
     }
@@ -265,10 +286,7 @@ impl Backend for LocalModel {
                 .trim_start_matches("req_")
                 .to_string();
             match (&self.loaded, req.endpoint) {
-                (Loaded::Failed(why), _) => Err(Error::Unavailable {
-                    message: format!("The local model `{}` is not available.", self.model),
-                    detail: why.clone(),
-                }),
+                (Loaded::Failed(why), _) => Err(unavailable(&self.model, why)),
                 (Loaded::Chat(engine), Endpoint::ChatCompletions) => engine.chat(&body, &id).await,
                 (Loaded::Embedding(embedder), Endpoint::Embeddings) => embedder.serve(&body).await,
                 (_, endpoint) => Err(Error::InvalidRequest {
@@ -353,12 +371,7 @@ enum Event {
 
 pub struct ChatEngine {
     model: Arc<LlamaModel>,
-    /// Sequences being decoded now.
-    active: Arc<AtomicUsize>,
-    /// Requests waiting for a sequence.
-    queued: Arc<AtomicUsize>,
-    /// Prompt tokens taken from a sequence's cache instead of being decoded again.
-    reused: Arc<AtomicU64>,
+    counters: Arc<Counters>,
     template: ChatTemplate,
     jobs: SyncSender<Job>,
     /// Tokens per sequence.
@@ -375,26 +388,18 @@ impl ChatEngine {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let worker_model = model.clone();
         let worker_cfg = cfg.clone();
-        let active = Arc::new(AtomicUsize::new(0));
-        let queued = Arc::new(AtomicUsize::new(0));
-        let reused = Arc::new(AtomicU64::new(0));
-        let counters = Counters {
-            active: active.clone(),
-            queued: queued.clone(),
-            reused: reused.clone(),
-        };
+        let counters = Arc::new(Counters::default());
+        let worker_counters = counters.clone();
         std::thread::Builder::new()
             .name(format!("llama-{}", cfg.name))
-            .spawn(move || run_worker(&worker_model, &worker_cfg, rx, ready_tx, &counters))
+            .spawn(move || run_worker(&worker_model, &worker_cfg, rx, ready_tx, &worker_counters))
             .map_err(|e| format!("cannot start the generation thread: {e}"))?;
         ready_rx
             .recv()
             .map_err(|_| "the generation thread stopped".to_string())??;
         Ok(ChatEngine {
             model,
-            active,
-            queued,
-            reused,
+            counters,
             template,
             jobs,
             context: cfg.context,
@@ -441,28 +446,10 @@ impl ChatEngine {
             events: tx,
         };
         // Counted before it can be taken, so the worker's decrement never comes first.
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        let sent = self.jobs.try_send(job);
-        if sent.is_err() {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-        }
-        match sent {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(Error::RateLimited {
-                    message: format!(
-                        "The local model `{}` is busy; its queue is full. Retry shortly.",
-                        self.model_name
-                    ),
-                    retry_after_secs: 1,
-                });
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(Error::Unavailable {
-                    message: format!("The local model `{}` is not available.", self.model_name),
-                    detail: "the generation thread stopped".into(),
-                });
-            }
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.jobs.try_send(job) {
+            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(refused(&self.model_name, e));
         }
         let answer = Answer {
             id: format!("chatcmpl-{id}"),
@@ -505,10 +492,14 @@ impl ChatEngine {
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What the generation thread reports to the rest of the process.
+#[derive(Default)]
 struct Counters {
-    active: Arc<AtomicUsize>,
-    queued: Arc<AtomicUsize>,
-    reused: Arc<AtomicU64>,
+    /// Sequences being decoded now.
+    active: AtomicUsize,
+    /// Requests waiting for a sequence.
+    queued: AtomicUsize,
+    /// Prompt tokens taken from a sequence's cache instead of being decoded again.
+    reused: AtomicU64,
 }
 
 /// A sequence being decoded.
@@ -773,7 +764,7 @@ impl Slot {
                 let text = String::from_utf8_lossy(&self.utf8).into_owned();
                 self.utf8.clear();
                 self.held.push_str(&text);
-                return self.release();
+                return self.emit_decided();
             }
             Err(e) => e.valid_up_to(),
         };
@@ -781,10 +772,12 @@ impl Slot {
         let text = std::mem::replace(&mut self.utf8, rest);
         self.held
             .push_str(std::str::from_utf8(&text).unwrap_or_default());
-        self.release()
+        self.emit_decided()
     }
 
-    fn release(&mut self) -> bool {
+    /// Sends the held text that can no longer be the start of a stop sequence; returns whether
+    /// a stop sequence was found (the text before it is sent, the rest dropped).
+    fn emit_decided(&mut self) -> bool {
         let stops = &self.job.stop;
         if let Some(at) = stops
             .iter()
@@ -1317,61 +1310,48 @@ fn stream_body(answer: Answer, rx: mpsc::UnboundedReceiver<Event>, include_usage
     let frames = futures_util::stream::unfold(
         (answer, rx, State::Start),
         move |(answer, mut rx, state)| async move {
-            let out: Vec<Bytes> = match state {
+            let (frame, next) = match state {
                 State::End => return None,
                 State::Start => {
-                    let first = answer.chunk(
-                        Delta {
-                            role: Some("assistant"),
-                            content: Some(""),
-                        },
-                        None,
-                    );
-                    return Some((Ok(Frame::data(first)), (answer, rx, State::Tokens)));
+                    let role = Delta {
+                        role: Some("assistant"),
+                        content: Some(""),
+                    };
+                    (Ok(answer.chunk(role, None)), State::Tokens)
                 }
                 State::Tokens => match rx.recv().await {
-                    Some(Event::Text(t)) => vec![answer.chunk(
-                        Delta {
+                    Some(Event::Text(t)) => {
+                        let delta = Delta {
                             role: None,
                             content: Some(&t),
-                        },
-                        None,
-                    )],
+                        };
+                        (Ok(answer.chunk(delta, None)), State::Tokens)
+                    }
                     Some(Event::Done {
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
                     }) => {
-                        let mut out = vec![answer.chunk(Delta::default(), Some(finish_reason))];
+                        // The end in one frame: finish reason, usage if asked, [DONE].
+                        let mut end = answer.chunk(Delta::default(), Some(finish_reason)).to_vec();
                         if include_usage {
-                            out.push(
-                                answer.usage_chunk(Usage::new(prompt_tokens, completion_tokens)),
-                            );
+                            let usage = Usage::new(prompt_tokens, completion_tokens);
+                            end.extend_from_slice(&answer.usage_chunk(usage));
                         }
-                        out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-                        let joined: Vec<u8> = out.concat();
-                        return Some((
-                            Ok(Frame::data(Bytes::from(joined))),
-                            (answer, rx, State::End),
-                        ));
+                        end.extend_from_slice(b"data: [DONE]\n\n");
+                        (Ok(Bytes::from(end)), State::End)
                     }
                     Some(Event::Failed(why)) => {
                         tracing::error!(error = %why, "local generation failed mid-stream");
-                        return Some((Err(std::io::Error::other(why)), (answer, rx, State::End)));
+                        (Err(std::io::Error::other(why)), State::End)
                     }
-                    None => {
-                        return Some((
-                            Err(std::io::Error::other("the generation thread stopped")),
-                            (answer, rx, State::End),
-                        ));
-                    }
+                    None => (
+                        Err(std::io::Error::other("the generation thread stopped")),
+                        State::End,
+                    ),
                 },
             };
-            let joined: Vec<u8> = out.concat();
-            Some((
-                Ok(Frame::data(Bytes::from(joined))),
-                (answer, rx, State::Tokens),
-            ))
+            Some((frame.map(Frame::data), (answer, rx, next)))
         },
     );
     StreamBody::new(frames)
@@ -1476,7 +1456,7 @@ impl Collector for LocalModels {
                 "local_active_sequences",
                 "Sequences a local chat model is decoding",
                 |m| match &m.loaded {
-                    Loaded::Chat(c) => Some(c.active.load(Ordering::Relaxed) as i64),
+                    Loaded::Chat(c) => Some(c.counters.active.load(Ordering::Relaxed) as i64),
                     _ => None,
                 },
             ),
@@ -1484,7 +1464,7 @@ impl Collector for LocalModels {
                 "local_queued_requests",
                 "Requests waiting for a local chat model's sequence",
                 |m| match &m.loaded {
-                    Loaded::Chat(c) => Some(c.queued.load(Ordering::Relaxed) as i64),
+                    Loaded::Chat(c) => Some(c.counters.queued.load(Ordering::Relaxed) as i64),
                     _ => None,
                 },
             ),
@@ -1511,7 +1491,7 @@ impl Collector for LocalModels {
                 let labels = ModelLabels {
                     model: (*n).clone(),
                 };
-                ConstCounter::new(c.reused.load(Ordering::Relaxed))
+                ConstCounter::new(c.counters.reused.load(Ordering::Relaxed))
                     .encode(metric.encode_family(&labels)?)?;
             }
         }

@@ -316,3 +316,13 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Reads the rest of a streamed answer (30 s at most) and asserts it ended with `[DONE]`.
+pub async fn drain_to_done(body: hyper::body::Incoming) {
+    let rest = tokio::time::timeout(Duration::from_secs(30), body.collect())
+        .await
+        .expect("stream not drained")
+        .unwrap()
+        .to_bytes();
+    assert!(rest.ends_with(b"data: [DONE]\n\n"));
+}
