@@ -105,24 +105,17 @@ async fn gateway() -> Gateway {
     .await
 }
 
+/// POSTs `body` to `path` with acme's key.
+async fn call(gw: &Gateway, path: &str, body: Value) -> Reply {
+    post(&client(), &gw.url(path), KEY_ACME, &body.to_string()).await
+}
+
 async fn chat_call(gw: &Gateway, body: Value) -> Reply {
-    post(
-        &client(),
-        &gw.url("/v1/chat/completions"),
-        KEY_ACME,
-        &body.to_string(),
-    )
-    .await
+    call(gw, "/v1/chat/completions", body).await
 }
 
 async fn embeddings_call(gw: &Gateway, body: Value) -> Reply {
-    post(
-        &client(),
-        &gw.url("/v1/embeddings"),
-        KEY_ACME,
-        &body.to_string(),
-    )
-    .await
+    call(gw, "/v1/embeddings", body).await
 }
 
 fn greedy(model: &str, question: &str, max_tokens: u32) -> Value {
