@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 
 missing=()
 command -v cmake >/dev/null || missing+=(cmake)
-compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || missing+=(libclang-dev)
+# libclang itself (libclang.so / libclang-14.so.1), not libclang-cpp, which bindgen cannot use.
+compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null \
+  || compgen -G "/usr/lib/llvm-*/lib/libclang-[0-9]*.so*" >/dev/null \
+  || missing+=(libclang-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} (Debian packages)"
   sudo=""
