@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::limits::RateLimiter;
 use crate::metering::UsageSink;
 use crate::openai::Endpoint;
-use crate::policy::{Policy, PolicyStore, Principal};
+use crate::policy::{Policy, PolicyStore, Principal, Role};
 use crate::proxy;
 use crate::telemetry::{Label, LatencyLabels, Metrics, RequestLabels};
 
@@ -225,7 +225,8 @@ async fn dispatch(
 
     let endpoint = endpoint_of(&path);
     let is_models = path == "/v1/models" || path.starts_with("/v1/models/");
-    let method_ok = match (&endpoint, is_models) {
+    let is_admin = path == "/admin/breakers";
+    let method_ok = match (&endpoint, is_models || is_admin) {
         (Some(_), _) => method == Method::POST,
         (None, true) => method == Method::GET,
         (None, false) => {
@@ -241,7 +242,11 @@ async fn dispatch(
             path,
         });
     }
-    labels.endpoint = endpoint.map_or("models", Endpoint::as_str);
+    labels.endpoint = match endpoint {
+        Some(e) => e.as_str(),
+        None if is_admin => "admin",
+        None => "models",
+    };
 
     // One policy version for the whole request.
     let policy: Arc<Policy> = app.policy.current();
@@ -253,6 +258,9 @@ async fn dispatch(
 
     if is_models {
         return proxy::models(&policy, tenant, &path);
+    }
+    if is_admin {
+        return breakers(app, &principal);
     }
 
     if let Some(rpm) = tenant.limits.requests_per_minute
@@ -281,6 +289,30 @@ async fn dispatch(
         &mut labels.model,
     )
     .await
+}
+
+/// `GET /admin/breakers` (admin keys): every backend + model's breaker state.
+fn breakers(app: &App, principal: &Principal) -> Result<Response<Body>, Error> {
+    if principal.role != Role::Admin {
+        return Err(Error::Forbidden {
+            role: principal.role.as_str(),
+            what: "/admin/breakers".into(),
+        });
+    }
+    #[derive(serde::Serialize)]
+    struct Breakers {
+        breakers: Vec<crate::routing::HealthSnapshot>,
+    }
+    let json = serde_json::to_vec(&Breakers {
+        breakers: app.policy.backends().health.snapshot(),
+    })
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    let mut resp = Response::new(body::full(json));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

@@ -230,6 +230,7 @@ impl Embedder {
             headers,
             body: body::full(json),
             idle_timeout: Duration::from_secs(60),
+            deadline: None,
         })
     }
 

@@ -54,6 +54,12 @@ pub enum Error {
     /// A model that cannot serve now (a local model that failed to load, or stopped).
     #[error("{message} ({detail})")]
     Unavailable { message: String, detail: String },
+    /// Every candidate of a route refused the call (breaker open, at capacity).
+    #[error("no backend of `{model}` is available")]
+    NoBackend {
+        model: String,
+        retry_after_secs: u64,
+    },
     #[error("the gateway is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -89,7 +95,8 @@ impl Error {
         match self {
             Error::UpstreamConnect { .. }
             | Error::UpstreamTimeout { .. }
-            | Error::UpstreamProtocol { .. } => ErrorSource::Upstream,
+            | Error::UpstreamProtocol { .. }
+            | Error::NoBackend { .. } => ErrorSource::Upstream,
             Error::Internal(_) | Error::ShuttingDown | Error::Unavailable { .. } => {
                 ErrorSource::Internal
             }
@@ -119,7 +126,9 @@ impl Error {
                 StatusCode::BAD_GATEWAY
             }
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Error::ShuttingDown | Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::ShuttingDown | Error::Unavailable { .. } | Error::NoBackend { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -214,6 +223,12 @@ impl Error {
             Error::Unavailable { message, .. } => {
                 (message, "server_error", None, Some("model_unavailable"))
             }
+            Error::NoBackend { model, .. } => {
+                owned = format!(
+                    "Every backend of the model `{model}` is unavailable right now (circuit open or at capacity). Retry shortly."
+                );
+                (&owned, "server_error", None, Some("backends_unavailable"))
+            }
             Error::ShuttingDown => (
                 "The gateway is shutting down; retry on another instance.",
                 "server_error",
@@ -252,6 +267,9 @@ impl Error {
             HeaderValue::from_static("application/json"),
         );
         if let Error::RateLimited {
+            retry_after_secs, ..
+        }
+        | Error::NoBackend {
             retry_after_secs, ..
         } = &self
         {

@@ -8,6 +8,7 @@
 //!   -> auth: bearer key -> Principal under one pinned Arc<Policy>      auth, policy
 //!   -> policy: model allowed? rate limit                               app, limits
 //!   -> body: size cap, parse only what we act on, rewrite model        proxy, openai
+//!   -> route: candidates in order; breakers; first-token deadline       routing
 //!   -> backend: remote OpenAI-compatible server (pooled, rustls),       backends
 //!      or a local GGUF model in-process (llama.cpp, batched)            backends::local, embed
 //!   -> relay: JSON whole / SSE frames as they arrived; usage sniffed    relay, sse
@@ -25,6 +26,7 @@
 //! - [`auth`] — API keys to principals.
 //! - [`policy`] — policy files, validation, hot reload.
 //! - [`config`] — `fuke.yaml`.
+//! - [`routing`] — candidates, first-token deadline, circuit breakers, fallback.
 //! - [`backends`] — the backend trait, remote upstreams and local llama.cpp models.
 //! - [`embed`] — local embeddings (`/v1/embeddings` and the vectors cache and KB use).
 //! - [`limits`] — in-process rate limits.
@@ -49,6 +51,7 @@ pub mod policy;
 pub mod proxy;
 pub mod relay;
 pub mod reload;
+pub mod routing;
 pub mod server;
 pub mod sse;
 pub mod telemetry;

@@ -160,11 +160,14 @@ async fn serve_async(
 ) -> anyhow::Result<()> {
     let configs = config.local_models.clone();
     let local = tokio::task::spawn_blocking(move || LocalModels::load(&configs)).await?;
+    let health = Arc::new(fuke::routing::Board::default());
     let mut metrics = Metrics::new();
     metrics.register_collector(local.clone());
+    metrics.register_collector(fuke::routing::BoardMetrics(health.clone()));
     let metrics = Arc::new(metrics);
     let backends = Arc::new(Registry {
         local,
+        health,
         ..Registry::default()
     });
     let policy = Arc::new(

@@ -47,6 +47,11 @@ pub struct UsageEvent {
     pub streamed: bool,
     pub outcome: Outcome,
     pub finished_at: SystemTime,
+    /// Why earlier route candidates did not serve (`timeout,breaker_open`), if any did not.
+    pub fallback: Option<Arc<str>>,
+    /// Output chunks the client received (streams): what was delivered when a stream broke
+    /// before the upstream reported usage.
+    pub streamed_chunks: u32,
 }
 
 /// Receives every usage event. `record` completes once the event is safely stored; the gateway
@@ -95,6 +100,9 @@ struct UsageRecord<'a> {
     latency_ms: u64,
     streamed: bool,
     outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fallback: Option<&'a str>,
+    streamed_chunks: u32,
 }
 
 impl<W> UsageSink for LogSink<W>
@@ -124,6 +132,8 @@ where
                 latency_ms: ev.latency.as_millis() as u64,
                 streamed: ev.streamed,
                 outcome: ev.outcome.as_str(),
+                fallback: ev.fallback.as_deref(),
+                streamed_chunks: ev.streamed_chunks,
             },
         };
         let mut buf = Vec::with_capacity(384);

@@ -1,5 +1,6 @@
-//! The model endpoints: read and check the request under the pinned policy, call the route's
-//! backend, relay and meter the answer. Also `/v1/models`.
+//! The model endpoints: read and check the request under the pinned policy, then hand it to
+//! [`routing`], which calls the route's candidates, relays and meters the answer. Also
+//! `/v1/models`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,14 +13,11 @@ use http_body_util::{BodyExt, BodyStream, Limited, StreamBody};
 use hyper::body::Incoming;
 
 use crate::app::App;
-use crate::backends::BackendRequest;
 use crate::body::{self, Body};
 use crate::error::Error;
-use crate::metering::Outcome;
 use crate::openai::{Endpoint, JsonRequest, ModelList, ModelObject};
 use crate::policy::{ModelRoute, Policy, Principal, RouteRefusal, Tenant};
-use crate::relay::{Meter, relay};
-use crate::telemetry::UpstreamLabels;
+use crate::routing::{self, Call, Payload};
 
 /// `GET /v1/models` and `GET /v1/models/{id}`: only the aliases this tenant may use.
 pub fn models(policy: &Policy, tenant: &Tenant, path: &str) -> Result<Response<Body>, Error> {
@@ -96,77 +94,43 @@ pub async fn model_call(
         return Err(Error::BodyTooLarge { limit });
     }
 
-    // Each body kind yields its route once: the alias is only known after reading the body.
-    let (route, upstream_body, content_type, content_length, stream, include_usage) =
-        if endpoint == Endpoint::AudioTranscriptions {
-            let upload = read_multipart_head(req, limit).await?;
-            (
-                route(policy, tenant, &upload.model)?,
-                upload.body,
-                upload.content_type,
-                upload.length,
-                false,
-                false,
-            )
-        } else {
-            let bytes = read_body(req.into_body(), limit).await?;
-            let parsed = JsonRequest::parse(endpoint, &bytes)?;
-            let route = route(policy, tenant, &parsed.model)?;
-            let out = parsed.upstream_body(&route.upstream_model);
-            let len = out.len() as u64;
-            (
-                route,
-                body::full(out),
-                HeaderValue::from_static("application/json"),
-                Some(len),
-                parsed.stream,
-                parsed.include_usage,
-            )
+    if endpoint == Endpoint::AudioTranscriptions {
+        let upload = read_multipart_head(req, limit).await?;
+        let route = route(policy, tenant, &upload.model)?;
+        *model_label = Some(route.alias.clone());
+        let payload = Payload::Upload {
+            body: Some(upload.body),
+            content_type: upload.content_type,
+            length: upload.length,
         };
-    *model_label = Some(route.alias.clone());
-
-    let meter = Meter {
-        sink: app.sink.clone(),
-        metrics: app.metrics.clone(),
-        request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
-        tenant: principal.tenant.clone(),
-        key_id: principal.key_id.clone(),
-        endpoint,
-        model_alias: route.alias.clone(),
-        upstream_model: route.upstream_model.clone(),
-        backend: route.upstream.name().to_string(),
-        started,
-        streamed: stream,
-    };
-
-    let answer = route
-        .upstream
-        .send(BackendRequest {
+        let call = Call {
+            app,
+            principal,
+            route,
             endpoint,
-            body: upstream_body,
-            content_type,
-            content_length,
             request_id,
-        })
-        .await;
-    let status = answer.as_ref().map_or(0, |a| a.status.as_u16());
-    app.metrics
-        .upstream_responses
-        .get_or_create(&UpstreamLabels {
-            upstream: route.upstream.name().to_string(),
-            status,
-        })
-        .inc();
-    let answer = match answer {
-        Ok(a) => a,
-        Err(e) => {
-            meter
-                .record(None, e.status().as_u16(), Outcome::UpstreamFailed)
-                .await;
-            return Err(e);
-        }
-    };
-    relay(answer, meter, stream && !include_usage).await
+            started,
+            stream: false,
+            include_usage: false,
+        };
+        routing::serve(call, payload).await
+    } else {
+        let bytes = read_body(req.into_body(), limit).await?;
+        let parsed = JsonRequest::parse(endpoint, &bytes)?;
+        let route = route(policy, tenant, &parsed.model)?;
+        *model_label = Some(route.alias.clone());
+        let call = Call {
+            app,
+            principal,
+            route,
+            endpoint,
+            request_id,
+            started,
+            stream: parsed.stream,
+            include_usage: parsed.include_usage,
+        };
+        routing::serve(call, Payload::Json(&parsed)).await
+    }
 }
 
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Error> {

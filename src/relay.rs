@@ -20,6 +20,7 @@ use crate::body::{self, Body, BoxError};
 use crate::error::Error;
 use crate::metering::{Outcome, UsageEvent, UsageSink};
 use crate::openai::{Endpoint, Usage, usage_of_response};
+use crate::routing::breaker::{Permit, Verdict};
 use crate::sse::SseScanner;
 use crate::telemetry::Metrics;
 
@@ -42,6 +43,12 @@ pub struct Meter {
     pub backend: String,
     pub started: std::time::Instant,
     pub streamed: bool,
+    /// Why earlier candidates did not serve (`timeout,breaker_open`), if any did not.
+    pub fallback: Option<Arc<str>>,
+    /// Output chunks the client received (SSE).
+    pub chunks: u32,
+    /// The breaker's admission of this call: settled by how the answer ends.
+    pub permit: Option<Permit>,
 }
 
 impl Meter {
@@ -60,10 +67,27 @@ impl Meter {
             streamed: self.streamed,
             outcome,
             finished_at: SystemTime::now(),
+            fallback: self.fallback.clone(),
+            streamed_chunks: self.chunks,
         }
     }
 
+    /// Tells the backend's breaker how the call went.
+    fn settle(&self, status: u16, outcome: Outcome) {
+        let Some(permit) = &self.permit else { return };
+        let verdict = match outcome {
+            Outcome::ClientAborted => Verdict::Neutral,
+            Outcome::UpstreamFailed => Verdict::Failure,
+            Outcome::Completed if status >= 500 || status == 429 => Verdict::Failure,
+            // A 4xx is about the request, not the backend's health.
+            Outcome::Completed if status >= 400 => Verdict::Neutral,
+            Outcome::Completed => Verdict::Success,
+        };
+        permit.settle(verdict);
+    }
+
     pub async fn record(&self, usage: Option<Usage>, status: u16, outcome: Outcome) {
+        self.settle(status, outcome);
         let event = self.event(usage, status, outcome);
         self.metrics.record_usage(&event);
         self.sink.record(event).await;
@@ -71,6 +95,7 @@ impl Meter {
 
     /// Records from a destructor: the request is gone, the event must not be.
     fn record_detached(&self, usage: Option<Usage>, status: u16, outcome: Outcome) {
+        self.settle(status, outcome);
         let event = self.event(usage, status, outcome);
         self.metrics.record_usage(&event);
         let fut = self.sink.record(event);
@@ -92,6 +117,7 @@ pub async fn relay(
         headers,
         body: upstream,
         idle_timeout,
+        deadline,
     } = answer;
     let is_sse = headers
         .get(header::CONTENT_TYPE)
@@ -103,6 +129,7 @@ pub async fn relay(
             scanner: SseScanner::new(strip_usage_chunk),
             queue: VecDeque::new(),
             idle: idle_timeout,
+            deadline,
             idle_timer: Box::pin(tokio::time::sleep(idle_timeout)),
             last_frame: Instant::now(),
             phase: Phase::Streaming,
@@ -114,7 +141,7 @@ pub async fn relay(
         });
         StreamBody::new(stream).boxed_unsync()
     } else {
-        let bytes = read_answer(upstream, idle_timeout, &meter).await?;
+        let bytes = read_answer(upstream, idle_timeout, deadline, &meter).await?;
         let usage = if status.is_success() {
             usage_of_response(&bytes)
         } else {
@@ -139,12 +166,15 @@ pub async fn relay(
 async fn read_answer(
     mut body: Body,
     idle: std::time::Duration,
+    deadline: Option<Instant>,
     meter: &Meter,
 ) -> Result<Bytes, Error> {
     let result = async {
         let mut buf = BytesMut::new();
         loop {
-            let frame = tokio::time::timeout(idle, body.frame())
+            let wait = Instant::now() + idle;
+            let wait = deadline.map_or(wait, |d| d.min(wait));
+            let frame = tokio::time::timeout_at(wait, body.frame())
                 .await
                 .map_err(|_| Error::UpstreamTimeout {
                     upstream: meter.backend.clone(),
@@ -199,6 +229,8 @@ struct SseRelay {
     scanner: SseScanner,
     queue: VecDeque<Bytes>,
     idle: std::time::Duration,
+    /// The candidate's total timeout.
+    deadline: Option<Instant>,
     idle_timer: Pin<Box<Sleep>>,
     last_frame: Instant,
     phase: Phase,
@@ -232,7 +264,8 @@ impl SseRelay {
             }
             let frame = match self.next_frame().await {
                 Err(Silent) => {
-                    self.fail("upstream went silent mid-stream").await;
+                    self.fail("upstream went silent mid-stream or passed its total timeout")
+                        .await;
                     continue;
                 }
                 Ok(None) => {
@@ -253,7 +286,8 @@ impl SseRelay {
                 continue;
             }
             if self.scanner.is_done() {
-                if let Some(meter) = self.meter.take() {
+                if let Some(mut meter) = self.meter.take() {
+                    meter.chunks = self.scanner.events();
                     meter
                         .record(self.scanner.usage(), self.status, Outcome::Completed)
                         .await;
@@ -277,7 +311,8 @@ impl SseRelay {
                     return Ok(frame);
                 }
                 () = &mut self.idle_timer => {
-                    let deadline = self.last_frame + self.idle;
+                    let idle_end = self.last_frame + self.idle;
+                    let deadline = self.deadline.map_or(idle_end, |d| d.min(idle_end));
                     if Instant::now() >= deadline {
                         return Err(Silent);
                     }
@@ -299,7 +334,8 @@ impl SseRelay {
             detail: detail.to_string(),
         };
         tracing::warn!(error = %error, "stream ended abnormally");
-        if let Some(meter) = self.meter.take() {
+        if let Some(mut meter) = self.meter.take() {
+            meter.chunks = self.scanner.events();
             meter
                 .record(self.scanner.usage(), 502, Outcome::UpstreamFailed)
                 .await;
@@ -318,7 +354,8 @@ impl Drop for SseRelay {
     fn drop(&mut self) {
         // Dropped before the usage event: the client disconnected. Dropping `upstream` here
         // closes the upstream connection, which cancels the generation there.
-        if let Some(meter) = self.meter.take() {
+        if let Some(mut meter) = self.meter.take() {
+            meter.chunks = self.scanner.events();
             meter.record_detached(self.scanner.usage(), 499, Outcome::ClientAborted);
         }
     }

@@ -26,6 +26,8 @@ pub struct SseScanner {
     strip_usage_chunk: bool,
     max_event: usize,
     usage: Option<Usage>,
+    /// Ordinary (output) events seen.
+    events: u32,
     done: bool,
     /// `data: [DONE]` and whatever followed it in its frame, released only after metering.
     held: Option<Bytes>,
@@ -49,6 +51,7 @@ impl SseScanner {
             strip_usage_chunk,
             max_event: DEFAULT_MAX_EVENT_BYTES,
             usage: None,
+            events: 0,
             done: false,
             held: None,
         }
@@ -62,6 +65,11 @@ impl SseScanner {
     /// The upstream's usage, once its usage chunk has been seen.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// Ordinary events (chunks) seen so far, usage chunk and `[DONE]` not counted.
+    pub fn events(&self) -> u32 {
+        self.events
     }
 
     /// Whether `data: [DONE]` has been seen.
@@ -107,7 +115,7 @@ impl SseScanner {
             }
             let event = &data[event_start..line_start];
             match self.classify(event) {
-                EventKind::Plain => {}
+                EventKind::Plain => self.events += 1,
                 EventKind::UsageOnly if self.strip_usage_chunk => {
                     if event_start > run_start {
                         out.extend([data.slice(run_start..event_start)]);

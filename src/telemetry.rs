@@ -58,6 +58,12 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    pub model: Label,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -74,6 +80,7 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub latency: HistogramFamily<LatencyLabels>,
     pub upstream_responses: Family<UpstreamLabels, Counter>,
+    pub fallbacks: Family<FallbackLabels, Counter>,
     pub tokens: Family<TokenLabels, Counter>,
     pub usage_missing: Counter,
     pub policy_reloads: Family<ResultLabels, Counter>,
@@ -114,6 +121,12 @@ impl Metrics {
             "upstream_responses",
             "Upstream answers by upstream and HTTP status (0: no answer)",
             upstream_responses.clone(),
+        );
+        let fallbacks = Family::<FallbackLabels, Counter>::default();
+        registry.register(
+            "fallbacks",
+            "Route candidates passed over, by model alias and reason",
+            fallbacks.clone(),
         );
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
@@ -156,6 +169,7 @@ impl Metrics {
             requests,
             latency,
             upstream_responses,
+            fallbacks,
             tokens,
             usage_missing,
             policy_reloads,

@@ -470,6 +470,7 @@ impl ChatEngine {
                 headers,
                 body: stream_body(answer, rx, include_usage),
                 idle_timeout: IDLE_TIMEOUT,
+                deadline: None,
             })
         } else {
             headers.insert(
@@ -482,6 +483,7 @@ impl ChatEngine {
                 headers,
                 body: body::full(json),
                 idle_timeout: IDLE_TIMEOUT,
+                deadline: None,
             })
         }
     }

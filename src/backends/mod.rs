@@ -34,6 +34,8 @@ pub struct BackendResponse {
     pub body: Body,
     /// Longest silence allowed between two body frames.
     pub idle_timeout: Duration,
+    /// When the whole answer must be done (the candidate's total timeout), if ever.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
 /// What policies resolve backend names against: pooled HTTP clients for remote upstreams and
@@ -42,6 +44,8 @@ pub struct BackendResponse {
 pub struct Registry {
     pub clients: remote::ClientPool,
     pub local: local::LocalModels,
+    /// Circuit breakers and in-flight counts per backend + model, kept across reloads.
+    pub health: std::sync::Arc<crate::routing::Board>,
 }
 
 pub trait Backend: Send + Sync {

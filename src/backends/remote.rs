@@ -199,6 +199,7 @@ impl Remote {
             headers,
             body: body.map_err(Into::into).boxed_unsync(),
             idle_timeout: self.idle_timeout,
+            deadline: None,
         })
     }
 }

@@ -280,6 +280,13 @@ impl<'a> JsonRequest<'a> {
     /// replaced by the upstream's name and, for streams, `stream_options.include_usage`
     /// forced on so the gateway always learns the real token counts.
     pub fn upstream_body(&self, upstream_model: &str) -> Bytes {
+        self.upstream_body_as(upstream_model, self.stream)
+    }
+
+    /// [`Self::upstream_body`], streamed or not as `stream` says: routing streams a
+    /// non-streaming request from a candidate internally, so that its first-token deadline means
+    /// the same for both, and assembles the JSON answer itself.
+    pub fn upstream_body_as(&self, upstream_model: &str, stream: bool) -> Bytes {
         let size: usize = self
             .fields
             .iter()
@@ -300,17 +307,25 @@ impl<'a> JsonRequest<'a> {
         };
         let model_json = serde_json::to_vec(upstream_model).unwrap_or_default();
         let mut saw_stream_options = false;
+        let mut saw_stream = false;
         for (key, raw) in &self.fields {
             match key.as_ref() {
                 "model" => put_field(&mut out, key, &model_json),
-                "stream_options" if self.stream => {
+                "stream" if stream != self.stream => {
+                    saw_stream = true;
+                    put_field(&mut out, key, if stream { b"true" } else { b"false" });
+                }
+                "stream_options" if stream => {
                     saw_stream_options = true;
                     put_field(&mut out, key, &forced_stream_options(raw));
                 }
                 _ => put_field(&mut out, key, raw.get().as_bytes()),
             }
         }
-        if self.stream && !saw_stream_options {
+        if stream && !self.stream && !saw_stream {
+            put_field(&mut out, "stream", b"true");
+        }
+        if stream && !saw_stream_options {
             put_field(&mut out, "stream_options", br#"{"include_usage":true}"#);
         }
         out.put_u8(b'}');

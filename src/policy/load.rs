@@ -10,10 +10,11 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use super::lines::LineIndex;
-use super::raw::{RawPolicyFile, RawTenant};
+use super::raw::{RawBreaker, RawCandidate, RawPolicyFile, RawTenant};
 use super::{Limits, Map, ModelRoute, Policy, Principal, Tenant};
 use crate::backends::remote::{EndpointUris, Remote};
 use crate::backends::{Backend, Registry};
+use crate::routing::{BreakerSettings, Candidate, DEFAULT_FIRST_TOKEN_TIMEOUT};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -145,6 +146,12 @@ pub fn load_dir(dir: &Path, version: u64, backends: &Registry) -> Result<Policy,
     };
     let policy = validate(&mut report, version, backends);
     if report.problems.is_empty() {
+        // Only a policy that is accepted as a whole changes breaker settings.
+        for route in policy.models.values() {
+            for c in &route.candidates {
+                c.health.configure(c.breaker);
+            }
+        }
         Ok(policy)
     } else {
         Err(Problems(report.problems))
@@ -182,7 +189,7 @@ pub(crate) fn deserialize_yaml<T: serde::de::DeserializeOwned>(
 
 fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Policy {
     let sources = report.sources;
-    let mut upstreams: HashMap<&str, (usize, Arc<Remote>)> = HashMap::new();
+    let mut upstreams: Upstreams<'_> = HashMap::new();
     for (si, src) in sources.iter().enumerate() {
         for (name, up) in &src.raw.upstreams {
             let path = format!("upstreams.{name}");
@@ -249,6 +256,9 @@ fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Polic
                     }
                 },
             };
+            let Some(breaker) = validate_breaker(report, si, &path, &up.breaker) else {
+                continue;
+            };
             let connect = Duration::from_millis(up.connect_timeout_ms.unwrap_or(2_000));
             let client = match backends.clients.get(&ca, connect) {
                 Ok(c) => c,
@@ -268,7 +278,7 @@ fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Polic
                 ),
                 idle_timeout: Duration::from_millis(up.idle_timeout_ms.unwrap_or(60_000)),
             };
-            upstreams.insert(name, (si, Arc::new(remote)));
+            upstreams.insert(name, (Arc::new(remote), breaker));
         }
     }
 
@@ -280,61 +290,80 @@ fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Polic
                 report.add(si, path, "defined in more than one policy file");
                 continue;
             }
-            let backend: Arc<dyn Backend> = match (&m.upstream, &m.local) {
-                (Some(name), None) => match upstreams.get(name.as_str()) {
-                    Some((_, upstream)) => upstream.clone(),
-                    None => {
-                        let known_in_raw =
-                            sources.iter().any(|s| s.raw.upstreams.contains_key(name));
-                        if !known_in_raw {
-                            report.add(
-                                si,
-                                format!("{path}.upstream"),
-                                format!("unknown upstream `{name}`"),
-                            );
-                        }
-                        continue;
-                    }
-                },
-                (None, Some(name)) => match backends.local.get(name) {
-                    Some(local) => local,
-                    None => {
-                        report.add(
-                            si,
-                            format!("{path}.local"),
-                            format!("unknown local model `{name}` (define it under local_models in fuke.yaml)"),
-                        );
-                        continue;
-                    }
-                },
+            let raw: Vec<(String, RawCandidate)> = match (&m.candidates, m.single()) {
+                (Some(list), None) if !list.is_empty() => list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (format!("{path}.candidates[{i}]"), c.clone()))
+                    .collect(),
+                (Some(_), None) => {
+                    report.add(
+                        si,
+                        format!("{path}.candidates"),
+                        "must list at least one candidate",
+                    );
+                    continue;
+                }
+                (None, Some(single)) => vec![(path.clone(), single)],
                 (Some(_), Some(_)) => {
-                    report.add(si, path, "set either `upstream` or `local`, not both");
+                    report.add(
+                        si,
+                        path,
+                        "set either `candidates` or one `upstream`/`local`, not both",
+                    );
                     continue;
                 }
                 (None, None) => {
                     report.add(
                         si,
                         path,
-                        "needs `upstream` (a remote) or `local` (a local model)",
+                        "needs `upstream` (a remote), `local` (a local model) or `candidates`",
                     );
                     continue;
                 }
             };
+            let mut candidates = Vec::with_capacity(raw.len());
+            let mut tier = 0u32;
+            for (i, (cpath, c)) in raw.iter().enumerate() {
+                let Some(cand) =
+                    validate_candidate(report, si, cpath, alias, c, &upstreams, backends, sources)
+                else {
+                    continue;
+                };
+                let cand_tier = match c.tier {
+                    Some(t) if i > 0 && t < tier => {
+                        report.add(
+                            si,
+                            format!("{cpath}.tier"),
+                            format!(
+                                "tiers must not decrease down the list (the one before is {tier})"
+                            ),
+                        );
+                        continue;
+                    }
+                    Some(t) => t,
+                    None if i == 0 => 0,
+                    None => tier + 1,
+                };
+                tier = cand_tier;
+                if candidates.iter().any(|o: &Candidate| o.name == cand.name) {
+                    report.add(
+                        si,
+                        cpath.clone(),
+                        format!("candidate name `{}` is used twice (set `name`)", cand.name),
+                    );
+                    continue;
+                }
+                candidates.push(Candidate {
+                    tier: cand_tier,
+                    ..cand
+                });
+            }
+            if candidates.len() != raw.len() {
+                continue;
+            }
             let alias: Arc<str> = alias.as_str().into();
-            models.insert(
-                alias.clone(),
-                ModelRoute {
-                    // Remote: the name the upstream knows (default: the alias). Local: the
-                    // local model's name, which answers report as `model`.
-                    upstream_model: m
-                        .model
-                        .clone()
-                        .or_else(|| m.local.clone())
-                        .unwrap_or_else(|| alias.to_string()),
-                    alias,
-                    upstream: backend,
-                },
-            );
+            models.insert(alias.clone(), ModelRoute { alias, candidates });
         }
     }
 
@@ -395,6 +424,169 @@ fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Polic
         tenants,
         models,
     }
+}
+
+/// Upstreams by name, with their breaker settings.
+type Upstreams<'a> = HashMap<&'a str, (Arc<Remote>, BreakerSettings)>;
+
+fn validate_breaker(
+    report: &mut Report<'_>,
+    si: usize,
+    path: &str,
+    b: &RawBreaker,
+) -> Option<BreakerSettings> {
+    let d = BreakerSettings::default();
+    let before = report.problems.len();
+    let at = |k: &str| format!("{path}.breaker.{k}");
+    if let Some(r) = b.failure_rate
+        && !(r > 0.0 && r <= 1.0)
+    {
+        report.add(si, at("failure_rate"), "must be above 0 and at most 1");
+    }
+    for (key, v, min) in [
+        ("window_ms", b.window_ms, 10),
+        ("cooldown_ms", b.cooldown_ms, 1),
+        ("min_calls", b.min_calls.map(u64::from), 1),
+        (
+            "consecutive_failures",
+            b.consecutive_failures.map(u64::from),
+            1,
+        ),
+        ("probes", b.probes.map(u64::from), 1),
+    ] {
+        if v.is_some_and(|v| v < min) {
+            report.add(si, at(key), format!("must be at least {min}"));
+        }
+    }
+    (report.problems.len() == before).then(|| BreakerSettings {
+        failure_rate: b.failure_rate.unwrap_or(d.failure_rate),
+        window: b.window_ms.map_or(d.window, Duration::from_millis),
+        min_calls: b.min_calls.unwrap_or(d.min_calls),
+        consecutive_failures: b.consecutive_failures.unwrap_or(d.consecutive_failures),
+        cooldown: b.cooldown_ms.map_or(d.cooldown, Duration::from_millis),
+        probes: b.probes.unwrap_or(d.probes),
+    })
+}
+
+/// One candidate of `alias`, its tier still to be decided.
+#[allow(clippy::too_many_arguments)]
+fn validate_candidate(
+    report: &mut Report<'_>,
+    si: usize,
+    path: &str,
+    alias: &str,
+    c: &RawCandidate,
+    upstreams: &Upstreams<'_>,
+    backends: &Registry,
+    sources: &[Source],
+) -> Option<Candidate> {
+    let (backend, model, settings, default_name): (Arc<dyn Backend>, String, _, String) =
+        match (&c.upstream, &c.local) {
+            (Some(name), None) => {
+                let Some((upstream, settings)) = upstreams.get(name.as_str()) else {
+                    if !sources.iter().any(|s| s.raw.upstreams.contains_key(name)) {
+                        report.add(
+                            si,
+                            format!("{path}.upstream"),
+                            format!("unknown upstream `{name}`"),
+                        );
+                    }
+                    return None;
+                };
+                let model = c.model.clone().unwrap_or_else(|| alias.to_string());
+                let default_name = format!("{name}/{model}");
+                (upstream.clone(), model, *settings, default_name)
+            }
+            (None, Some(name)) => {
+                let Some(local) = backends.local.get(name) else {
+                    report.add(
+                    si,
+                    format!("{path}.local"),
+                    format!(
+                        "unknown local model `{name}` (define it under local_models in fuke.yaml)"
+                    ),
+                );
+                    return None;
+                };
+                if c.model.is_some() {
+                    report.add(
+                        si,
+                        format!("{path}.model"),
+                        "a local model answers as itself; leave `model` out",
+                    );
+                    return None;
+                }
+                // A local model answers with its own name as `model`.
+                (
+                    local,
+                    name.clone(),
+                    BreakerSettings::default(),
+                    format!("local/{name}"),
+                )
+            }
+            (Some(_), Some(_)) => {
+                report.add(
+                    si,
+                    path.to_string(),
+                    "set either `upstream` or `local`, not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                report.add(
+                    si,
+                    path.to_string(),
+                    "needs `upstream` (a remote) or `local` (a local model)",
+                );
+                return None;
+            }
+        };
+    if c.weight == Some(0) {
+        report.add(si, format!("{path}.weight"), "must be at least 1");
+        return None;
+    }
+    if c.max_in_flight == Some(0) {
+        report.add(
+            si,
+            format!("{path}.max_in_flight"),
+            "must be at least 1 (leave it out for no limit)",
+        );
+        return None;
+    }
+    if c.timeout_ms == Some(0) {
+        report.add(
+            si,
+            format!("{path}.timeout_ms"),
+            "must be at least 1 (leave it out for none)",
+        );
+        return None;
+    }
+    let name = c.name.clone().unwrap_or(default_name);
+    if name.is_empty() || HeaderValue::from_str(&name).is_err() {
+        report.add(
+            si,
+            format!("{path}.name"),
+            "must be non-empty printable ASCII (it is sent as a header)",
+        );
+        return None;
+    }
+    let health = backends.health.entry(backend.name(), &model, settings);
+    Some(Candidate {
+        name: name.into(),
+        backend,
+        model,
+        tier: 0,
+        weight: c.weight.unwrap_or(1),
+        first_token_timeout: match c.first_token_timeout_ms {
+            None => Some(DEFAULT_FIRST_TOKEN_TIMEOUT),
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+        },
+        timeout: c.timeout_ms.map(Duration::from_millis),
+        max_in_flight: c.max_in_flight,
+        breaker: settings,
+        health,
+    })
 }
 
 fn validate_tenant(

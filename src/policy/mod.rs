@@ -15,7 +15,7 @@ pub use load::{Problem, Problems, load_dir};
 pub use raw::Role;
 pub use store::PolicyStore;
 
-use crate::backends::Backend;
+use crate::routing::Candidate;
 
 /// Who is calling: resolved from the API key, carried through the whole request.
 #[derive(Debug, Clone)]
@@ -38,12 +38,11 @@ pub struct Limits {
     pub requests_per_minute: Option<u32>,
 }
 
-/// An alias clients name in `model`, and where it goes.
+/// An alias clients name in `model`, and where it goes: candidates sorted by tier.
 #[derive(Debug)]
 pub struct ModelRoute {
     pub alias: Arc<str>,
-    pub upstream: Arc<dyn Backend>,
-    pub upstream_model: String,
+    pub candidates: Vec<Candidate>,
 }
 
 /// The policy's lookup maps: aHash (keyed per process, fast on short keys) instead of SipHash;

@@ -30,17 +30,79 @@ pub struct RawUpstream {
     pub first_byte_timeout_ms: Option<u64>,
     /// Longest silence allowed between two frames of a response body.
     pub idle_timeout_ms: Option<u64>,
+    /// Circuit breaker thresholds for every model called on this upstream.
+    #[serde(default)]
+    pub breaker: RawBreaker,
 }
 
+/// Circuit breaker thresholds; each has a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    /// Open when this share of calls in the window failed (0 < rate <= 1; default 0.5)…
+    pub failure_rate: Option<f64>,
+    /// …over this rolling window (default 10000)…
+    pub window_ms: Option<u64>,
+    /// …once the window holds this many calls (default 10).
+    pub min_calls: Option<u32>,
+    /// Open after this many failures in a row (default 5).
+    pub consecutive_failures: Option<u32>,
+    /// How long an open breaker refuses calls (default 5000).
+    pub cooldown_ms: Option<u64>,
+    /// Probe calls while half-open; all must succeed to close (default 1).
+    pub probes: Option<u32>,
+}
+
+/// A model alias: one backend (`upstream` or `local`, with its settings), or `candidates`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
+    /// Ordered candidates: tried tier by tier, weighted inside a tier.
+    pub candidates: Option<Vec<RawCandidate>>,
+    pub name: Option<String>,
+    pub upstream: Option<String>,
+    pub local: Option<String>,
+    pub model: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub max_in_flight: Option<u32>,
+}
+
+impl RawModel {
+    /// The one-backend form as a candidate list (empty when no backend is named).
+    pub fn single(&self) -> Option<RawCandidate> {
+        (self.upstream.is_some() || self.local.is_some()).then(|| RawCandidate {
+            name: self.name.clone(),
+            upstream: self.upstream.clone(),
+            local: self.local.clone(),
+            model: self.model.clone(),
+            timeout_ms: self.timeout_ms,
+            max_in_flight: self.max_in_flight,
+            ..RawCandidate::default()
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCandidate {
+    /// Shown in `x-fuke-backend`; default `upstream/model` or `local/name`.
+    pub name: Option<String>,
     /// A remote upstream by name…
     pub upstream: Option<String>,
     /// …or a local model of `fuke.yaml` (`local_models`) by name.
     pub local: Option<String>,
     /// The model name the upstream knows; defaults to the alias.
     pub model: Option<String>,
+    /// Candidates of one tier share the load by weight (default 1).
+    pub weight: Option<u32>,
+    /// Lower tiers are tried first; default: the candidate's position in the list.
+    pub tier: Option<u32>,
+    /// Move on when no content token came within this (default 200; 0: wait).
+    pub first_token_timeout_ms: Option<u64>,
+    /// Longest a whole answer may take (default: only the upstream's own timeouts).
+    pub timeout_ms: Option<u64>,
+    /// Calls in flight to this candidate beyond which it is passed over.
+    pub max_in_flight: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -32,6 +32,11 @@ impl PolicyStore {
         })
     }
 
+    /// The backends policies resolve against (and their breakers).
+    pub fn backends(&self) -> &Registry {
+        &self.backends
+    }
+
     /// The version a request pins for its whole lifetime.
     pub fn current(&self) -> Arc<Policy> {
         self.current.load_full()

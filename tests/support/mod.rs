@@ -153,13 +153,16 @@ impl Gateway {
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir_all(&policy_dir).unwrap();
         std::fs::write(policy_dir.join("main.yaml"), policy).unwrap();
+        let health = Arc::new(fuke::routing::Board::default());
         let mut metrics = Metrics::new();
         metrics.register_collector(opts.local.clone());
+        metrics.register_collector(fuke::routing::BoardMetrics(health.clone()));
         let metrics = Arc::new(metrics);
         let store = PolicyStore::open(
             &policy_dir,
             Arc::new(Registry {
                 local: opts.local,
+                health,
                 ..Registry::default()
             }),
         )

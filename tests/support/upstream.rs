@@ -9,6 +9,8 @@
 //! - `linger`: SSE that stays open after `data: [DONE]` until the reader leaves
 //! - `stall`: SSE, two chunks, then silence with the connection open
 //! - `fail-400`, `fail-500`, `fail-429`: OpenAI-shaped errors with those statuses
+//! - `delay`: SSE; a role-only chunk at once, the first word 2 s later (first-token deadlines)
+//! - `flaky`: a 500 while [`UpstreamState::failing`] is set, an echo otherwise
 //!
 //! It records every request body it receives, counts streams cut short by the client, and can
 //! serve over TLS.
@@ -16,7 +18,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +51,8 @@ pub struct UpstreamState {
     pub last_stream: Mutex<Vec<u8>>,
     /// Exact bytes of the last JSON answer, as sent.
     pub last_json: Mutex<Bytes>,
+    /// Makes the `flaky` model fail.
+    pub failing: AtomicBool,
 }
 
 pub struct Upstream {
@@ -104,6 +108,17 @@ impl Upstream {
 
     pub fn received(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
+    }
+
+    /// Requests received for upstream model `model`.
+    pub fn count(&self, model: &str) -> usize {
+        self.received()
+            .iter()
+            .filter(|r| {
+                serde_json::from_slice::<Value>(&r.body)
+                    .is_ok_and(|v| v["model"].as_str() == Some(model))
+            })
+            .count()
     }
 
     pub fn last_received(&self) -> Received {
@@ -176,6 +191,9 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body
         "fail-400" => return error(StatusCode::BAD_REQUEST, "bad_temperature"),
         "fail-500" => return error(StatusCode::INTERNAL_SERVER_ERROR, "boom"),
         "fail-429" => return error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded"),
+        "flaky" if st.failing.load(Ordering::SeqCst) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "flaky");
+        }
         _ => {}
     }
 
@@ -281,10 +299,24 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body
     let drop_after = if model == "drop" { Some(2) } else { None };
     let linger = model == "linger";
     let stall_after = if model == "stall" { Some(2) } else { None };
+    if model == "delay" && chat {
+        events.insert(0, format!("data: {{\"id\":\"chatcmpl-test\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"finish_reason\":null}}]{usage_null}}}\n\n"));
+    }
+    let delay_first = model == "delay";
     let st2 = st.clone();
     tokio::spawn(async move {
         let mut sent = Vec::new();
         for (i, ev) in events.into_iter().enumerate() {
+            if delay_first && i == 1 {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    () = tx.closed() => {
+                        st2.cancelled.fetch_add(1, Ordering::SeqCst);
+                        st2.cancel_notify.notify_waiters();
+                        return;
+                    }
+                }
+            }
             if stall_after == Some(i) {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }

@@ -1,0 +1,361 @@
+//! A streamed answer turned back into the JSON answer a non-streaming client asked for. Routing
+//! streams such requests from candidates that have a fallback, so that the first-token deadline
+//! means the same as for streaming clients; this puts the chunks together again the way OpenAI's
+//! own non-streaming answer looks (content, refusal, reasoning and tool-call deltas merged,
+//! finish reason, logprobs, usage).
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Response, header};
+use http_body_util::BodyExt;
+use serde_json::{Map, Value, json};
+
+use crate::backends::BackendResponse;
+use crate::body::{self, Body};
+use crate::error::Error;
+use crate::metering::Outcome;
+use crate::openai::{Endpoint, Usage};
+use crate::relay::Meter;
+
+/// Largest assembled answer.
+const MAX_ANSWER: usize = 64 << 20;
+
+/// Reads the whole SSE answer, meters it, and answers with JSON.
+pub async fn json(
+    resp: BackendResponse,
+    mut meter: Meter,
+    endpoint: Endpoint,
+) -> Result<Response<Body>, Error> {
+    let BackendResponse {
+        status,
+        mut headers,
+        body: mut upstream,
+        idle_timeout,
+        deadline,
+    } = resp;
+    let mut answer = Answer::default();
+    let mut pending = BytesMut::new();
+    let mut seen = 0usize;
+    let result: Result<(), String> = async {
+        loop {
+            let wait = match deadline {
+                Some(d) => (tokio::time::Instant::now() + idle_timeout).min(d),
+                None => tokio::time::Instant::now() + idle_timeout,
+            };
+            let frame = tokio::time::timeout_at(wait, upstream.frame())
+                .await
+                .map_err(|_| "upstream went silent or passed its total timeout".to_string())?;
+            let data: Bytes = match frame {
+                None => return Err("stream ended before [DONE]".into()),
+                Some(Err(e)) => return Err(format!("stream broke: {e}")),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
+            };
+            seen += data.len();
+            if seen > MAX_ANSWER {
+                return Err(format!("answer larger than {MAX_ANSWER} bytes"));
+            }
+            pending.extend_from_slice(&data);
+            while let Some(end) = memchr::memmem::find(&pending, b"\n\n")
+                .map(|i| i + 2)
+                .or_else(|| memchr::memmem::find(&pending, b"\n\r\n").map(|i| i + 3))
+            {
+                let event = pending.split_to(end);
+                if answer.feed(&event)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(detail) = result {
+        meter.chunks = answer.chunks;
+        meter
+            .record(answer.usage, 502, Outcome::UpstreamFailed)
+            .await;
+        return Err(Error::UpstreamProtocol {
+            upstream: meter.backend.clone(),
+            detail,
+        });
+    }
+    meter.chunks = answer.chunks;
+    meter
+        .record(answer.usage, status.as_u16(), Outcome::Completed)
+        .await;
+    // Reading to the end is done; the connection goes back to the pool.
+    let json = answer.finish(endpoint);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let mut out = Response::new(body::full(json));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    Ok(out)
+}
+
+#[derive(Default)]
+struct Choice {
+    role: Option<Value>,
+    content: Option<String>,
+    refusal: Option<String>,
+    reasoning: Option<String>,
+    text: Option<String>,
+    tool_calls: Vec<Map<String, Value>>,
+    function_call: Option<Map<String, Value>>,
+    logprobs: Option<Map<String, Value>>,
+    finish_reason: Value,
+}
+
+#[derive(Default)]
+struct Answer {
+    head: Map<String, Value>,
+    choices: Vec<Choice>,
+    usage: Option<Usage>,
+    usage_value: Option<Value>,
+    chunks: u32,
+}
+
+impl Answer {
+    /// Takes one SSE event; `true` at `[DONE]`.
+    fn feed(&mut self, event: &[u8]) -> Result<bool, String> {
+        let mut data = Vec::new();
+        for line in event.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(rest) = line.strip_prefix(b"data:") {
+                data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+            }
+        }
+        let data = data.trim_ascii();
+        if data.is_empty() {
+            return Ok(false);
+        }
+        if data == b"[DONE]" {
+            return Ok(true);
+        }
+        let v: Value =
+            serde_json::from_slice(data).map_err(|e| format!("invalid JSON in SSE event: {e}"))?;
+        let Value::Object(mut chunk) = v else {
+            return Err("SSE event is not a JSON object".into());
+        };
+        if chunk.get("error").is_some_and(|e| !e.is_null()) {
+            return Err("the upstream sent an error event".into());
+        }
+        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
+            self.usage = serde_json::from_value(u.clone()).ok();
+            self.usage_value = Some(u.clone());
+        }
+        for key in [
+            "id",
+            "created",
+            "model",
+            "system_fingerprint",
+            "service_tier",
+        ] {
+            if let Some(v) = chunk.remove(key)
+                && !v.is_null()
+            {
+                self.head.entry(key).or_insert(v);
+            }
+        }
+        let Some(Value::Array(choices)) = chunk.remove("choices") else {
+            return Ok(false);
+        };
+        if !choices.is_empty() {
+            self.chunks += 1;
+        }
+        for c in choices {
+            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            if index > 127 {
+                return Err(format!("choice index {index} out of range"));
+            }
+            if self.choices.len() <= index {
+                self.choices.resize_with(index + 1, Choice::default);
+            }
+            merge(&mut self.choices[index], c);
+        }
+        Ok(false)
+    }
+
+    fn finish(self, endpoint: Endpoint) -> Bytes {
+        let chat = endpoint == Endpoint::ChatCompletions;
+        let mut out = self.head;
+        out.insert(
+            "object".into(),
+            Value::from(if chat {
+                "chat.completion"
+            } else {
+                "text_completion"
+            }),
+        );
+        let choices: Vec<Value> = self
+            .choices
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let logprobs = c.logprobs.map_or(Value::Null, Value::Object);
+                if !chat {
+                    return json!({"index": i, "text": c.text.unwrap_or_default(),
+                        "logprobs": logprobs, "finish_reason": c.finish_reason});
+                }
+                let mut message = Map::new();
+                message.insert(
+                    "role".into(),
+                    c.role.unwrap_or_else(|| Value::from("assistant")),
+                );
+                message.insert("content".into(), c.content.map_or(Value::Null, Value::from));
+                message.insert("refusal".into(), c.refusal.map_or(Value::Null, Value::from));
+                if let Some(r) = c.reasoning {
+                    message.insert("reasoning_content".into(), Value::from(r));
+                }
+                if !c.tool_calls.is_empty() {
+                    let calls = c.tool_calls.into_iter().map(Value::Object).collect();
+                    message.insert("tool_calls".into(), Value::Array(calls));
+                }
+                if let Some(f) = c.function_call {
+                    message.insert("function_call".into(), Value::Object(f));
+                }
+                json!({"index": i, "message": message, "logprobs": logprobs,
+                    "finish_reason": c.finish_reason})
+            })
+            .collect();
+        out.insert("choices".into(), Value::Array(choices));
+        if let Some(u) = self.usage_value {
+            out.insert("usage".into(), u);
+        }
+        Bytes::from(serde_json::to_vec(&Value::Object(out)).unwrap_or_default())
+    }
+}
+
+fn append(to: &mut Option<String>, v: Option<&Value>) {
+    if let Some(Value::String(s)) = v {
+        to.get_or_insert_with(String::new).push_str(s);
+    }
+}
+
+/// Appends string fields of `delta` onto `into` (tool-call arguments arrive in pieces).
+fn merge_object(into: &mut Map<String, Value>, delta: &Map<String, Value>) {
+    for (k, v) in delta {
+        match (into.get_mut(k), v) {
+            (Some(Value::String(have)), Value::String(more)) if k != "id" && k != "type" => {
+                have.push_str(more);
+            }
+            (Some(Value::Object(have)), Value::Object(more)) => merge_object(have, more),
+            (Some(_), Value::Null) => {}
+            (_, v) => {
+                into.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+fn merge(choice: &mut Choice, c: Value) {
+    if let Some(fr) = c.get("finish_reason").filter(|f| !f.is_null()) {
+        choice.finish_reason = fr.clone();
+    }
+    append(&mut choice.text, c.get("text"));
+    if let Some(Value::Object(lp)) = c.get("logprobs") {
+        let have = choice.logprobs.get_or_insert_with(Map::new);
+        for (k, v) in lp {
+            match (have.get_mut(k), v) {
+                (Some(Value::Array(a)), Value::Array(more)) => a.extend(more.iter().cloned()),
+                (_, v) => {
+                    have.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    let Some(delta) = c.get("delta") else {
+        return;
+    };
+    if let Some(role) = delta.get("role").filter(|r| !r.is_null()) {
+        choice.role.get_or_insert_with(|| role.clone());
+    }
+    append(&mut choice.content, delta.get("content"));
+    append(&mut choice.refusal, delta.get("refusal"));
+    append(&mut choice.reasoning, delta.get("reasoning_content"));
+    append(&mut choice.reasoning, delta.get("reasoning"));
+    if let Some(Value::Object(f)) = delta.get("function_call") {
+        merge_object(choice.function_call.get_or_insert_with(Map::new), f);
+    }
+    if let Some(Value::Array(calls)) = delta.get("tool_calls") {
+        for call in calls {
+            let Value::Object(call) = call else { continue };
+            let index = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            if index > 127 {
+                continue;
+            }
+            if choice.tool_calls.len() <= index {
+                choice.tool_calls.resize_with(index + 1, Map::new);
+            }
+            let mut call = call.clone();
+            call.remove("index");
+            merge_object(&mut choice.tool_calls[index], &call);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assemble(events: &[&str], endpoint: Endpoint) -> Value {
+        let mut a = Answer::default();
+        for e in events {
+            assert!(!a.feed(format!("data: {e}\n\n").as_bytes()).unwrap());
+        }
+        assert!(a.feed(b"data: [DONE]\n\n").unwrap());
+        serde_json::from_slice(&a.finish(endpoint)).unwrap()
+    }
+
+    #[test]
+    fn chat_chunks_become_one_message_with_tool_calls_and_usage() {
+        let v = assemble(
+            &[
+                r#"{"id":"c1","created":7,"model":"m","system_fingerprint":null,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+                r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#,
+                r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":null}]}"#,
+                r#"{"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get","arguments":"{\"a\""}}]}}]}"#,
+                r#"{"id":"c1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]}}]}"#,
+                r#"{"id":"c1","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+                r#"{"id":"c1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+            ],
+            Endpoint::ChatCompletions,
+        );
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["id"], "c1");
+        assert_eq!(v["created"], 7);
+        let msg = &v["choices"][0]["message"];
+        assert_eq!(msg["role"], "assistant");
+        assert_eq!(msg["content"], "Hello");
+        assert_eq!(msg["tool_calls"][0]["id"], "call_1");
+        assert_eq!(msg["tool_calls"][0]["function"]["name"], "get");
+        assert_eq!(msg["tool_calls"][0]["function"]["arguments"], "{\"a\":1}");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(v["usage"]["total_tokens"], 7);
+    }
+
+    #[test]
+    fn completions_text_is_joined() {
+        let v = assemble(
+            &[
+                r#"{"id":"x","choices":[{"index":0,"text":"a b","finish_reason":null}]}"#,
+                r#"{"id":"x","choices":[{"index":0,"text":" c","finish_reason":"stop"}]}"#,
+            ],
+            Endpoint::Completions,
+        );
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(v["choices"][0]["text"], "a b c");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
+
+    #[test]
+    fn error_events_fail() {
+        let mut a = Answer::default();
+        assert!(
+            a.feed(b"data: {\"error\":{\"message\":\"x\"}}\n\n")
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,447 @@
+//! Routing: a model alias names ordered candidates (remote upstream + model, or a local model),
+//! grouped in tiers with weights. Each request tries them in order until one starts answering:
+//! a candidate is skipped when its breaker is open or it is at `max_in_flight`, and abandoned
+//! (its request cancelled) when it fails before a byte reached the client: connect errors, 5xx,
+//! 429, a broken stream, or no first token within `first_token_timeout`. Once a byte has been
+//! sent, the answer is that candidate's to the end; a failure then ends the stream with an
+//! error event, never with a second answer spliced on.
+
+mod assemble;
+pub mod breaker;
+mod first_token;
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+
+use crate::app::App;
+use crate::backends::{Backend, BackendRequest, BackendResponse};
+use crate::body::{self, Body};
+use crate::error::Error;
+use crate::metering::Outcome;
+use crate::openai::{Endpoint, JsonRequest};
+use crate::policy::{ModelRoute, Principal};
+use crate::relay::{Meter, relay};
+use crate::telemetry::{FallbackLabels, Label, UpstreamLabels};
+use breaker::{Health, Permit, Refusal, Verdict};
+
+pub use breaker::{Board, BoardMetrics, BreakerSettings, HealthSnapshot};
+
+/// Default first-token deadline of a candidate that has a fallback after it.
+pub const DEFAULT_FIRST_TOKEN_TIMEOUT: Duration = Duration::from_millis(200);
+
+const X_FUKE_BACKEND: HeaderName = HeaderName::from_static("x-fuke-backend");
+const X_FUKE_FALLBACK: HeaderName = HeaderName::from_static("x-fuke-fallback");
+const X_FUKE_FALLBACK_FROM: HeaderName = HeaderName::from_static("x-fuke-fallback-from");
+
+/// One place a model alias may be served from.
+pub struct Candidate {
+    /// What `x-fuke-backend` says: `upstream/model` or `local/name` unless policy names it.
+    pub name: Arc<str>,
+    pub backend: Arc<dyn Backend>,
+    /// The model name the backend knows.
+    pub model: String,
+    pub tier: u32,
+    pub weight: u32,
+    /// Abandon the candidate when no content token came within this (not applied to the last
+    /// candidate of an attempt: nothing would come after it). `None`: wait.
+    pub first_token_timeout: Option<Duration>,
+    /// Longest a whole answer may take.
+    pub timeout: Option<Duration>,
+    pub max_in_flight: Option<u32>,
+    /// Thresholds of this candidate's breaker (its upstream's `breaker` settings).
+    pub breaker: BreakerSettings,
+    /// Breaker and in-flight count of backend + model, shared across policy versions.
+    pub health: Arc<Health>,
+}
+
+impl std::fmt::Debug for Candidate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Candidate")
+            .field("name", &self.name)
+            .field("tier", &self.tier)
+            .field("weight", &self.weight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a candidate did not serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// No first token within the deadline (or the candidate's total timeout).
+    Timeout,
+    BreakerOpen,
+    Busy,
+    ConnectError,
+    Error5xx,
+    RateLimited,
+    /// The answer broke (or was invalid) before any byte reached the client.
+    StreamBroken,
+}
+
+impl Fallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Timeout => "timeout",
+            Fallback::BreakerOpen => "breaker_open",
+            Fallback::Busy => "busy",
+            Fallback::ConnectError => "connect_error",
+            Fallback::Error5xx => "error_5xx",
+            Fallback::RateLimited => "rate_limited",
+            Fallback::StreamBroken => "stream_broken",
+        }
+    }
+
+    /// The reason to move on after a backend error, if it is one (a 400 is the caller's).
+    fn of_error(e: &Error) -> Option<Fallback> {
+        Some(match e {
+            Error::UpstreamConnect { .. } => Fallback::ConnectError,
+            Error::UpstreamTimeout { .. } => Fallback::Timeout,
+            Error::UpstreamProtocol { .. } => Fallback::StreamBroken,
+            Error::Unavailable { .. } | Error::ShuttingDown | Error::Internal(_) => {
+                Fallback::Error5xx
+            }
+            Error::RateLimited { .. } => Fallback::RateLimited,
+            _ => return None,
+        })
+    }
+
+    fn of_status(status: StatusCode) -> Option<Fallback> {
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            Some(Fallback::RateLimited)
+        } else if status.is_server_error() {
+            Some(Fallback::Error5xx)
+        } else {
+            None
+        }
+    }
+}
+
+/// The order in which one request tries `candidates` (sorted by tier): tier by tier, and inside
+/// a tier a weighted random permutation, so that healthy equals share the load by weight and a
+/// failing one is followed by its peers before the next tier.
+pub fn attempt_order(candidates: &[Candidate]) -> Vec<&Candidate> {
+    if let [only] = candidates {
+        return vec![only];
+    }
+    let mut out = Vec::with_capacity(candidates.len());
+    for tier in candidates.chunk_by(|a, b| a.tier == b.tier) {
+        if tier.len() == 1 {
+            out.push(&tier[0]);
+            continue;
+        }
+        // Efraimidis–Spirakis: sorting by Exp(1)/weight draws without replacement by weight.
+        let mut keyed: Vec<(f64, &Candidate)> = tier
+            .iter()
+            .map(|c| {
+                let u: f64 = rand::random::<f64>().max(f64::MIN_POSITIVE);
+                (-u.ln() / f64::from(c.weight.max(1)), c)
+            })
+            .collect();
+        keyed.sort_by(|a, b| a.0.total_cmp(&b.0));
+        out.extend(keyed.into_iter().map(|(_, c)| c));
+    }
+    out
+}
+
+/// The request body, in the form the candidates need.
+pub enum Payload<'a> {
+    /// A JSON request: rewritten for each candidate, so it can be sent again.
+    Json(&'a JsonRequest<'a>),
+    /// A streamed upload: sent to one candidate only.
+    Upload {
+        body: Option<Body>,
+        content_type: HeaderValue,
+        length: Option<u64>,
+    },
+}
+
+/// One model request on its way to a candidate.
+pub struct Call<'a> {
+    pub app: &'a App,
+    pub principal: &'a Principal,
+    pub route: &'a ModelRoute,
+    pub endpoint: Endpoint,
+    pub request_id: HeaderValue,
+    pub started: Instant,
+    /// The client asked for SSE.
+    pub stream: bool,
+    /// The client asked for the usage chunk.
+    pub include_usage: bool,
+}
+
+/// Tries the route's candidates until one answers; relays and meters that answer.
+pub async fn serve(call: Call<'_>, mut payload: Payload<'_>) -> Result<Response<Body>, Error> {
+    let route = call.route;
+    let order = attempt_order(&route.candidates);
+    let replayable = matches!(payload, Payload::Json(_));
+    let mut skipped: Vec<(&Candidate, Fallback)> = Vec::new();
+    let mut failure: Option<(&Candidate, Permit, Error)> = None;
+
+    for (i, cand) in order.iter().copied().enumerate() {
+        let last = i + 1 == order.len();
+        let permit = match cand.health.admit(cand.max_in_flight) {
+            Ok(p) => p,
+            Err(refusal) => {
+                let reason = match refusal {
+                    Refusal::Open => Fallback::BreakerOpen,
+                    Refusal::Busy => Fallback::Busy,
+                };
+                skipped.push((cand, reason));
+                continue;
+            }
+        };
+        // A failure here may still move on only if the body can be sent again.
+        let can_move_on = !last && replayable;
+        let first_token = cand
+            .first_token_timeout
+            .filter(|_| can_move_on && streams_tokens(call.endpoint));
+        let upstream_stream = call.stream || first_token.is_some();
+        let (body, content_type, content_length) = match &mut payload {
+            Payload::Json(req) => {
+                let b = req.upstream_body_as(&cand.model, upstream_stream);
+                let len = b.len() as u64;
+                (
+                    body::full(b),
+                    HeaderValue::from_static("application/json"),
+                    Some(len),
+                )
+            }
+            Payload::Upload {
+                body,
+                content_type,
+                length,
+            } => match body.take() {
+                Some(b) => (b, content_type.clone(), *length),
+                None => break,
+            },
+        };
+        let total_deadline = cand.timeout.map(|t| tokio::time::Instant::now() + t);
+        let send = cand.backend.send(BackendRequest {
+            endpoint: call.endpoint,
+            body,
+            content_type,
+            content_length,
+            request_id: call.request_id.clone(),
+        });
+        let attempt = async {
+            let resp = send.await?;
+            if first_token.is_some() && resp.status.is_success() && is_sse(&resp) {
+                first_token::wait(resp, &cand.name).await
+            } else {
+                Ok(resp)
+            }
+        };
+        // The earlier of the first-token deadline and the total timeout bounds the start.
+        let limit = match (first_token, total_deadline) {
+            (Some(d), Some(t)) => Some((tokio::time::Instant::now() + d).min(t)),
+            (Some(d), None) => Some(tokio::time::Instant::now() + d),
+            (None, t) => t,
+        };
+        let result = match limit {
+            Some(at) => tokio::time::timeout_at(at, attempt)
+                .await
+                .unwrap_or_else(|_| Err(deadline_error(cand))),
+            None => attempt.await,
+        };
+        count_attempt(call.app, cand, &result);
+
+        match result {
+            Err(e) => match Fallback::of_error(&e) {
+                Some(reason) if can_move_on => {
+                    permit.settle(Verdict::Failure);
+                    skipped.push((cand, reason));
+                    failure = Some((cand, permit, e));
+                }
+                _ => return Ok(fail(&call, cand, permit, &skipped, e).await),
+            },
+            Ok(resp) => match Fallback::of_status(resp.status) {
+                Some(reason) if can_move_on => {
+                    // Dropping the answer closes its connection.
+                    permit.settle(Verdict::Failure);
+                    skipped.push((cand, reason));
+                }
+                _ => {
+                    let mut resp = resp;
+                    resp.deadline = total_deadline;
+                    return commit(&call, cand, permit, &skipped, resp, upstream_stream).await;
+                }
+            },
+        }
+    }
+
+    // Nobody answered.
+    if let Some((cand, permit, e)) = failure {
+        return Ok(fail(&call, cand, permit, &skipped, e).await);
+    }
+    let retry_after = route
+        .candidates
+        .iter()
+        .map(|c| c.health.retry_in())
+        .min()
+        .unwrap_or_default();
+    let e = Error::NoBackend {
+        model: route.alias.to_string(),
+        retry_after_secs: retry_after.as_secs().max(1),
+    };
+    let meter = meter(&call, None, None, &skipped);
+    meter
+        .record(None, e.status().as_u16(), Outcome::UpstreamFailed)
+        .await;
+    let mut resp = e.into_response();
+    label(&mut resp, None, &skipped);
+    Ok(resp)
+}
+
+fn streams_tokens(endpoint: Endpoint) -> bool {
+    matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
+}
+
+fn is_sse(resp: &BackendResponse) -> bool {
+    resp.headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+/// The first-token deadline (or the candidate's total timeout) passed before the answer began.
+fn deadline_error(cand: &Candidate) -> Error {
+    Error::UpstreamTimeout {
+        upstream: cand.name.to_string(),
+        after_ms: cand
+            .first_token_timeout
+            .or(cand.timeout)
+            .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
+fn count_attempt(app: &App, cand: &Candidate, result: &Result<BackendResponse, Error>) {
+    let status = result.as_ref().map_or(0, |a| a.status.as_u16());
+    app.metrics
+        .upstream_responses
+        .get_or_create(&UpstreamLabels {
+            upstream: cand.backend.name().to_string(),
+            status,
+        })
+        .inc();
+}
+
+fn meter(
+    call: &Call<'_>,
+    cand: Option<&Candidate>,
+    permit: Option<Permit>,
+    skipped: &[(&Candidate, Fallback)],
+) -> Meter {
+    for (_, reason) in skipped {
+        call.app
+            .metrics
+            .fallbacks
+            .get_or_create(&FallbackLabels {
+                model: Label(call.route.alias.clone()),
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+    Meter {
+        sink: call.app.sink.clone(),
+        metrics: call.app.metrics.clone(),
+        request_id: String::from_utf8_lossy(call.request_id.as_bytes()).into_owned(),
+        tenant: call.principal.tenant.clone(),
+        key_id: call.principal.key_id.clone(),
+        endpoint: call.endpoint,
+        model_alias: call.route.alias.clone(),
+        upstream_model: cand.map_or_else(String::new, |c| c.model.clone()),
+        backend: cand.map_or_else(|| "-".to_string(), |c| c.backend.name().to_string()),
+        started: call.started,
+        streamed: call.stream,
+        fallback: reasons(skipped).map(Arc::from),
+        chunks: 0,
+        permit,
+    }
+}
+
+/// `timeout,breaker_open`: why each skipped candidate was skipped, in order.
+fn reasons(skipped: &[(&Candidate, Fallback)]) -> Option<String> {
+    if skipped.is_empty() {
+        return None;
+    }
+    let mut s = String::new();
+    for (i, (_, r)) in skipped.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(r.as_str());
+    }
+    Some(s)
+}
+
+/// Says on the response who served it and why others did not.
+fn label(
+    resp: &mut Response<Body>,
+    served: Option<&Candidate>,
+    skipped: &[(&Candidate, Fallback)],
+) {
+    let headers = resp.headers_mut();
+    if let Some(c) = served
+        && let Ok(v) = HeaderValue::from_str(&c.name)
+    {
+        headers.insert(X_FUKE_BACKEND, v);
+    }
+    if let Some(r) = reasons(skipped)
+        && let Ok(v) = HeaderValue::from_str(&r)
+    {
+        headers.insert(X_FUKE_FALLBACK, v);
+        let mut from = String::new();
+        for (i, (c, _)) in skipped.iter().enumerate() {
+            if i > 0 {
+                from.push(',');
+            }
+            let _ = write!(from, "{}", c.name);
+        }
+        if let Ok(v) = HeaderValue::from_str(&from) {
+            headers.insert(X_FUKE_FALLBACK_FROM, v);
+        }
+    }
+}
+
+/// The last candidate failed (or failed in a way no other candidate can fix): meter it and answer
+/// with its error.
+async fn fail(
+    call: &Call<'_>,
+    cand: &Candidate,
+    permit: Permit,
+    skipped: &[(&Candidate, Fallback)],
+    e: Error,
+) -> Response<Body> {
+    let outcome = if Fallback::of_error(&e).is_some() {
+        Outcome::UpstreamFailed
+    } else {
+        // The backend refused the request itself (e.g. a parameter a local model lacks).
+        Outcome::Completed
+    };
+    let meter = meter(call, Some(cand), Some(permit), skipped);
+    meter.record(None, e.status().as_u16(), outcome).await;
+    let mut resp = e.into_response();
+    label(&mut resp, Some(cand), skipped);
+    resp
+}
+
+/// `cand` answers: relay its answer (SSE or JSON as the client asked), metered.
+async fn commit(
+    call: &Call<'_>,
+    cand: &Candidate,
+    permit: Permit,
+    skipped: &[(&Candidate, Fallback)],
+    resp: BackendResponse,
+    upstream_stream: bool,
+) -> Result<Response<Body>, Error> {
+    let meter = meter(call, Some(cand), Some(permit), skipped);
+    let mut out = if upstream_stream && !call.stream && is_sse(&resp) && resp.status.is_success() {
+        assemble::json(resp, meter, call.endpoint).await?
+    } else {
+        relay(resp, meter, call.stream && !call.include_usage).await?
+    };
+    label(&mut out, Some(cand), skipped);
+    Ok(out)
+}
