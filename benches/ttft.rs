@@ -95,5 +95,7 @@ async fn main() {
 /// Whether a frame holds a chunk with non-empty `content`.
 fn memchr_content(data: &[u8]) -> bool {
     let s = String::from_utf8_lossy(data);
-    s.split("\"content\":\"").skip(1).any(|rest| !rest.starts_with('"'))
+    s.split("\"content\":\"")
+        .skip(1)
+        .any(|rest| !rest.starts_with('"'))
 }

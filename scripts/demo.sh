@@ -19,6 +19,7 @@ Fuke demo: http://127.0.0.1:8080/v1 and https://127.0.0.1:8443/v1 (CA: certs/ca.
   curl -s http://127.0.0.1:8080/v1/chat/completions \
     -H 'Authorization: Bearer fk-demo-local-only-change-me' -H 'Content-Type: application/json' \
     -d '{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}],"stream":true}'
-  (model "smollm2" is the local llama.cpp model; "gpt-4o-mini" goes to the echo upstream)
+  (model "smollm2" is the local llama.cpp model; "gpt-4o-mini" goes to the echo upstream;
+   "support-bot" tries the echo upstream first and falls back to smollm2: see x-fuke-backend)
 MSG
 "$bin" serve -c fuke.yaml

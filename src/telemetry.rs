@@ -58,6 +58,11 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FallbackLabels {
     pub model: Label,
     pub reason: &'static str,
@@ -81,6 +86,7 @@ pub struct Metrics {
     pub latency: HistogramFamily<LatencyLabels>,
     pub upstream_responses: Family<UpstreamLabels, Counter>,
     pub fallbacks: Family<FallbackLabels, Counter>,
+    pub upstream_retries: Family<BackendLabel, Counter>,
     pub tokens: Family<TokenLabels, Counter>,
     pub usage_missing: Counter,
     pub policy_reloads: Family<ResultLabels, Counter>,
@@ -128,6 +134,12 @@ impl Metrics {
             "Route candidates passed over, by model alias and reason",
             fallbacks.clone(),
         );
+        let upstream_retries = Family::<BackendLabel, Counter>::default();
+        registry.register(
+            "upstream_connect_retries",
+            "Connections tried again after a connect failure, by backend",
+            upstream_retries.clone(),
+        );
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
             "tokens",
@@ -170,6 +182,7 @@ impl Metrics {
             latency,
             upstream_responses,
             fallbacks,
+            upstream_retries,
             tokens,
             usage_missing,
             policy_reloads,

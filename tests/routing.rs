@@ -35,9 +35,11 @@ static MODELS: LazyLock<LocalModels> = LazyLock::new(|| {
 
 const KEY_ADMIN: &str = "fk-test-admin-0009";
 
-fn policy(base_url: &str) -> String {
+fn policy(base_url: &str, dead_port: u16) -> String {
     format!(
         r#"upstreams:
+  dead:
+    base_url: http://127.0.0.1:{dead_port}/v1
   test:
     base_url: {base_url}
     first_byte_timeout_ms: 5000
@@ -70,6 +72,10 @@ models:
     candidates:
       - {{ upstream: a, model: w-a, weight: 3, tier: 0 }}
       - {{ upstream: b, model: w-b, weight: 1, tier: 0 }}
+  unreachable:
+    candidates:
+      - {{ upstream: dead, model: echo-model }}
+      - {{ local: smol }}
   capped:
     candidates:
       - {{ upstream: test, model: slow, max_in_flight: 1 }}
@@ -90,8 +96,14 @@ tenants:
 
 async fn start() -> (Upstream, Gateway) {
     let up = Upstream::start().await;
+    // A port nothing listens on: connections are refused.
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let gw = Gateway::start_with(
-        &policy(&up.base_url()),
+        &policy(&up.base_url(), dead_port),
         Options {
             local: MODELS.clone(),
             ..Options::default()
@@ -365,6 +377,26 @@ async fn weighted_choice_converges_to_the_weights() {
     assert!((260..=340).contains(&to_a), "a served {to_a} of {n}");
     assert_eq!(up.count("w-a"), to_a);
     assert_eq!(up.count("w-b"), n - to_a);
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_then_left_for_the_next_candidate() {
+    let (_up, gw) = start().await;
+    let r = chat(
+        &gw,
+        json!({"model": "unreachable", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(header(&r, "x-fuke-backend"), Some("local/smol"));
+    assert_eq!(header(&r, "x-fuke-fallback"), Some("connect_error"));
+    assert_eq!(header(&r, "x-fuke-fallback-from"), Some("dead/echo-model"));
+    let metrics = get(&client(), &gw.url("/metrics"), None).await.text();
+    assert!(
+        metrics.contains(r#"fuke_upstream_connect_retries_total{backend="dead"} 2"#),
+        "two safe retries before moving on:\n{metrics}"
+    );
 }
 
 #[tokio::test]

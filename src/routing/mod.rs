@@ -32,6 +32,10 @@ pub use breaker::{Board, BoardMetrics, BreakerSettings, HealthSnapshot};
 /// Default first-token deadline of a candidate that has a fallback after it.
 pub const DEFAULT_FIRST_TOKEN_TIMEOUT: Duration = Duration::from_millis(200);
 
+/// Attempts to connect again after a refused or failed connection, per candidate.
+const CONNECT_RETRIES: u32 = 2;
+const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
 const X_FUKE_BACKEND: HeaderName = HeaderName::from_static("x-fuke-backend");
 const X_FUKE_FALLBACK: HeaderName = HeaderName::from_static("x-fuke-fallback");
 const X_FUKE_FALLBACK_FROM: HeaderName = HeaderName::from_static("x-fuke-fallback-from");
@@ -199,35 +203,66 @@ pub async fn serve(call: Call<'_>, mut payload: Payload<'_>) -> Result<Response<
             .first_token_timeout
             .filter(|_| can_move_on && streams_tokens(call.endpoint));
         let upstream_stream = call.stream || first_token.is_some();
-        let (body, content_type, content_length) = match &mut payload {
-            Payload::Json(req) => {
-                let b = req.upstream_body_as(&cand.model, upstream_stream);
-                let len = b.len() as u64;
-                (
-                    body::full(b),
-                    HeaderValue::from_static("application/json"),
-                    Some(len),
-                )
-            }
+        // JSON bodies are kept to be sent again after a connect failure; an upload goes once.
+        let (json, mut upload) = match &mut payload {
+            Payload::Json(req) => (
+                Some(req.upstream_body_as(&cand.model, upstream_stream)),
+                None,
+            ),
             Payload::Upload {
                 body,
                 content_type,
                 length,
             } => match body.take() {
-                Some(b) => (b, content_type.clone(), *length),
+                Some(b) => (None, Some((b, content_type.clone(), *length))),
                 None => break,
             },
         };
+        let request = |upload: &mut Option<(Body, HeaderValue, Option<u64>)>| {
+            let (body, content_type, content_length) = match (&json, upload.take()) {
+                (Some(b), _) => (
+                    body::full(b.clone()),
+                    HeaderValue::from_static("application/json"),
+                    Some(b.len() as u64),
+                ),
+                (None, Some(u)) => u,
+                (None, None) => (
+                    body::empty(),
+                    HeaderValue::from_static("application/json"),
+                    Some(0),
+                ),
+            };
+            BackendRequest {
+                endpoint: call.endpoint,
+                body,
+                content_type,
+                content_length,
+                request_id: call.request_id.clone(),
+            }
+        };
         let total_deadline = cand.timeout.map(|t| tokio::time::Instant::now() + t);
-        let send = cand.backend.send(BackendRequest {
-            endpoint: call.endpoint,
-            body,
-            content_type,
-            content_length,
-            request_id: call.request_id.clone(),
-        });
         let attempt = async {
-            let resp = send.await?;
+            // A connection that could not be made carried no request: trying again is safe.
+            // The deadline below bounds the retries with everything else.
+            let mut retries = 0;
+            let resp = loop {
+                match cand.backend.send(request(&mut upload)).await {
+                    Err(Error::UpstreamConnect { .. })
+                        if json.is_some() && retries < CONNECT_RETRIES =>
+                    {
+                        retries += 1;
+                        call.app
+                            .metrics
+                            .upstream_retries
+                            .get_or_create(&crate::telemetry::BackendLabel {
+                                backend: cand.backend.name().to_string(),
+                            })
+                            .inc();
+                        tokio::time::sleep(CONNECT_RETRY_PAUSE * retries).await;
+                    }
+                    other => break other?,
+                }
+            };
             if first_token.is_some() && resp.status.is_success() && is_sse(&resp) {
                 first_token::wait(resp, &cand.name).await
             } else {
