@@ -6,7 +6,9 @@
 #    model behind it, so the 200 ms first-token deadline is armed: SSE is scanned for its first
 #    token, JSON is streamed from the remote and reassembled);
 #  - time to first token (benches/ttft.rs): the local model called directly (`local`) and through a
-#    route whose remote holds its first token for 2 s (`fallback`), at 1 and 4 clients.
+#    route whose remote holds its first token for 2 s, at 1 and 4 clients: `fallback` (its breaker
+#    never opens, so every request waits out the 200 ms deadline) and `fallback-breaker` (default
+#    breaker: after 5 misses the remote is skipped at once for the 5 s cooldown).
 #   benches/routing.sh [seconds per run, default 10]
 # Needs wrk (apt-get install wrk). Everything listens on 127.0.0.1 only.
 set -euo pipefail
@@ -38,6 +40,10 @@ YAML
 cat > "$work/policies/bench.yaml" <<YAML
 upstreams:
   echo: { base_url: "http://$UP/v1" }
+  # The same server, its breaker never opening: every fallback waits for the deadline.
+  echo-nobreaker:
+    base_url: "http://$UP/v1"
+    breaker: { consecutive_failures: 1000000000, min_calls: 1000000000 }
 models:
   single: { upstream: echo, model: echo-model }
   routed:
@@ -45,6 +51,10 @@ models:
       - { upstream: echo, model: echo-model }
       - { local: smollm2 }
   fallback:
+    candidates:
+      - { upstream: echo-nobreaker, model: delay }
+      - { local: smollm2 }
+  fallback-breaker:
     candidates:
       - { upstream: echo, model: delay }
       - { local: smollm2 }
@@ -99,6 +109,8 @@ done
 
 echo
 for conns in 1 4; do
-  target/release/examples/ttft "http://$FUKE/v1/chat/completions" "$key" local "$secs" "$conns" 16
-  target/release/examples/ttft "http://$FUKE/v1/chat/completions" "$key" fallback "$secs" "$conns" 16
+  echo "clients: $conns"
+  for model in local fallback fallback-breaker; do
+    target/release/examples/ttft "http://$FUKE/v1/chat/completions" "$key" $model "$secs" "$conns" 16
+  done
 done

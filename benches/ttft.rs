@@ -24,13 +24,12 @@ async fn main() {
     connector.set_nodelay(true);
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(connector);
-    let times = Arc::new(Mutex::new(Vec::<f64>::new()));
-    let seen = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
+    let times = Arc::new(Mutex::new(BTreeMap::<String, Vec<f64>>::new()));
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
     for c in 0..conns {
         let (client, url, key, model) = (client.clone(), url.clone(), key.clone(), model.clone());
-        let (times, seen) = (times.clone(), seen.clone());
+        let times = times.clone();
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
             while Instant::now() < end {
@@ -55,7 +54,6 @@ async fn main() {
                         .get("x-fuke-fallback")
                         .map_or("-", |v| v.to_str().unwrap_or("?"))
                 );
-                *seen.lock().unwrap().entry(label).or_default() += 1;
                 let mut body = resp.into_body();
                 let mut first = None;
                 while let Some(frame) = body.frame().await {
@@ -68,7 +66,12 @@ async fn main() {
                     }
                 }
                 if let Some(t) = first {
-                    times.lock().unwrap().push(t.as_secs_f64() * 1e3);
+                    times
+                        .lock()
+                        .unwrap()
+                        .entry(label)
+                        .or_default()
+                        .push(t.as_secs_f64() * 1e3);
                 }
             }
         }));
@@ -76,20 +79,30 @@ async fn main() {
     for t in tasks {
         t.await.unwrap();
     }
-    let mut t = times.lock().unwrap().clone();
+    let mut all: Vec<f64> = Vec::new();
+    let times = times.lock().unwrap().clone();
+    for (label, mut t) in times {
+        all.extend(&t);
+        println!("  {}  ({label})", summary(&mut t));
+    }
+    println!("{model}: {}", summary(&mut all));
+}
+
+/// `n=… p50=… p90=… p99=… max=…` in ms.
+fn summary(t: &mut [f64]) -> String {
+    if t.is_empty() {
+        return "n=0".into();
+    }
     t.sort_by(f64::total_cmp);
     let q = |p: f64| t[((t.len() as f64 * p) as usize).min(t.len() - 1)];
-    println!(
-        "{model}: n={} ttft_ms p50={:.1} p90={:.1} p99={:.1} max={:.1}",
+    format!(
+        "n={} ttft_ms p50={:.1} p90={:.1} p99={:.1} max={:.1}",
         t.len(),
         q(0.5),
         q(0.9),
         q(0.99),
         t[t.len() - 1]
-    );
-    for (label, n) in seen.lock().unwrap().iter() {
-        println!("  {n:>5}  {label}");
-    }
+    )
 }
 
 /// Whether a frame holds a chunk with non-empty `content`.

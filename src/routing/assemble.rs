@@ -7,6 +7,10 @@
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Response, header};
 use http_body_util::BodyExt;
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::backends::BackendResponse;
@@ -118,7 +122,8 @@ struct Answer {
 }
 
 impl Answer {
-    /// Takes one SSE event; `true` at `[DONE]`.
+    /// Takes one SSE event; `true` at `[DONE]`. Chunks are read into borrowed, typed fields:
+    /// only tool calls, logprobs and the first chunk's head become `Value`s.
     fn feed(&mut self, event: &[u8]) -> Result<bool, String> {
         let mut data = Vec::new();
         for line in event.split(|&b| b == b'\n') {
@@ -134,46 +139,44 @@ impl Answer {
         if data == b"[DONE]" {
             return Ok(true);
         }
-        let v: Value =
-            serde_json::from_slice(data).map_err(|e| format!("invalid JSON in SSE event: {e}"))?;
-        let Value::Object(mut chunk) = v else {
-            return Err("SSE event is not a JSON object".into());
-        };
-        if chunk.get("error").is_some_and(|e| !e.is_null()) {
+        let chunk: ChunkIn<'_> =
+            serde_json::from_slice(data).map_err(|e| format!("invalid SSE chunk: {e}"))?;
+        if chunk.error.is_some() {
             return Err("the upstream sent an error event".into());
         }
-        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
-            self.usage = serde_json::from_value(u.clone()).ok();
-            self.usage_value = Some(u.clone());
+        if let Some(u) = chunk.usage {
+            self.usage = serde_json::from_str(u.get()).ok();
+            self.usage_value = serde_json::from_str(u.get()).ok();
         }
-        for key in [
-            "id",
-            "created",
-            "model",
-            "system_fingerprint",
-            "service_tier",
+        for (key, v) in [
+            ("id", chunk.id),
+            ("created", chunk.created),
+            ("model", chunk.model),
+            ("system_fingerprint", chunk.system_fingerprint),
+            ("service_tier", chunk.service_tier),
         ] {
-            if let Some(v) = chunk.remove(key)
-                && !v.is_null()
+            if let Some(v) = v
+                && !self.head.contains_key(key)
+                && let Ok(v) = serde_json::from_str::<Value>(v.get())
             {
-                self.head.entry(key).or_insert(v);
+                self.head.insert(key.into(), v);
             }
         }
-        let Some(Value::Array(choices)) = chunk.remove("choices") else {
+        let Some(choices) = chunk.choices else {
             return Ok(false);
         };
         if !choices.is_empty() {
             self.chunks += 1;
         }
         for c in choices {
-            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let index = c.index.unwrap_or(0) as usize;
             if index > 127 {
                 return Err(format!("choice index {index} out of range"));
             }
             if self.choices.len() <= index {
                 self.choices.resize_with(index + 1, Choice::default);
             }
-            merge(&mut self.choices[index], c);
+            merge(&mut self.choices[index], c)?;
         }
         Ok(false)
     }
@@ -228,9 +231,9 @@ impl Answer {
     }
 }
 
-fn append(to: &mut Option<String>, v: Option<&Value>) {
-    if let Some(Value::String(s)) = v {
-        to.get_or_insert_with(String::new).push_str(s);
+fn append(to: &mut Option<String>, v: Option<Cow<'_, str>>) {
+    if let Some(s) = v {
+        to.get_or_insert_with(String::new).push_str(&s);
     }
 }
 
@@ -250,38 +253,52 @@ fn merge_object(into: &mut Map<String, Value>, delta: &Map<String, Value>) {
     }
 }
 
-fn merge(choice: &mut Choice, c: Value) {
-    if let Some(fr) = c.get("finish_reason").filter(|f| !f.is_null()) {
-        choice.finish_reason = fr.clone();
+fn parse(raw: &RawValue) -> Result<Value, String> {
+    serde_json::from_str(raw.get()).map_err(|e| format!("invalid SSE chunk: {e}"))
+}
+
+fn merge(choice: &mut Choice, c: ChoiceIn<'_>) -> Result<(), String> {
+    if let Some(fr) = c.finish_reason {
+        choice.finish_reason = parse(fr)?;
     }
-    append(&mut choice.text, c.get("text"));
-    if let Some(Value::Object(lp)) = c.get("logprobs") {
+    append(&mut choice.text, c.text);
+    if let Some(lp) = c.logprobs
+        && let Value::Object(lp) = parse(lp)?
+    {
         let have = choice.logprobs.get_or_insert_with(Map::new);
         for (k, v) in lp {
-            match (have.get_mut(k), v) {
-                (Some(Value::Array(a)), Value::Array(more)) => a.extend(more.iter().cloned()),
+            match (have.get_mut(&k), v) {
+                (Some(Value::Array(a)), Value::Array(more)) => a.extend(more),
                 (_, v) => {
-                    have.insert(k.clone(), v.clone());
+                    have.insert(k, v);
                 }
             }
         }
     }
-    let Some(delta) = c.get("delta") else {
-        return;
+    let Some(delta) = c.delta else {
+        return Ok(());
     };
-    if let Some(role) = delta.get("role").filter(|r| !r.is_null()) {
-        choice.role.get_or_insert_with(|| role.clone());
+    if let Some(role) = delta.role
+        && choice.role.is_none()
+    {
+        choice.role = Some(parse(role)?);
     }
-    append(&mut choice.content, delta.get("content"));
-    append(&mut choice.refusal, delta.get("refusal"));
-    append(&mut choice.reasoning, delta.get("reasoning_content"));
-    append(&mut choice.reasoning, delta.get("reasoning"));
-    if let Some(Value::Object(f)) = delta.get("function_call") {
-        merge_object(choice.function_call.get_or_insert_with(Map::new), f);
+    append(&mut choice.content, delta.content);
+    append(&mut choice.refusal, delta.refusal);
+    append(&mut choice.reasoning, delta.reasoning_content);
+    append(&mut choice.reasoning, delta.reasoning);
+    if let Some(f) = delta.function_call
+        && let Value::Object(f) = parse(f)?
+    {
+        merge_object(choice.function_call.get_or_insert_with(Map::new), &f);
     }
-    if let Some(Value::Array(calls)) = delta.get("tool_calls") {
+    if let Some(calls) = delta.tool_calls
+        && let Value::Array(calls) = parse(calls)?
+    {
         for call in calls {
-            let Value::Object(call) = call else { continue };
+            let Value::Object(mut call) = call else {
+                continue;
+            };
             let index = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
             if index > 127 {
                 continue;
@@ -289,11 +306,63 @@ fn merge(choice: &mut Choice, c: Value) {
             if choice.tool_calls.len() <= index {
                 choice.tool_calls.resize_with(index + 1, Map::new);
             }
-            let mut call = call.clone();
             call.remove("index");
             merge_object(&mut choice.tool_calls[index], &call);
         }
     }
+    Ok(())
+}
+
+/// One streamed chunk, borrowed from the event.
+#[derive(Deserialize)]
+struct ChunkIn<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    created: Option<&'a RawValue>,
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow)]
+    system_fingerprint: Option<&'a RawValue>,
+    #[serde(borrow)]
+    service_tier: Option<&'a RawValue>,
+    #[serde(borrow)]
+    choices: Option<Vec<ChoiceIn<'a>>>,
+    #[serde(borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceIn<'a> {
+    index: Option<u64>,
+    #[serde(borrow)]
+    delta: Option<DeltaIn<'a>>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    finish_reason: Option<&'a RawValue>,
+    #[serde(borrow)]
+    logprobs: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct DeltaIn<'a> {
+    #[serde(borrow)]
+    role: Option<&'a RawValue>,
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    reasoning: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    tool_calls: Option<&'a RawValue>,
+    #[serde(borrow)]
+    function_call: Option<&'a RawValue>,
 }
 
 #[cfg(test)]
