@@ -72,6 +72,10 @@ models:
     candidates:
       - {{ upstream: a, model: w-a, weight: 3, tier: 0 }}
       - {{ upstream: b, model: w-b, weight: 1, tier: 0 }}
+  cut-first:
+    candidates:
+      - {{ upstream: test, model: cut, first_token_timeout_ms: 0 }}
+      - {{ local: smol }}
   unreachable:
     candidates:
       - {{ upstream: dead, model: echo-model }}
@@ -350,6 +354,24 @@ async fn a_break_after_bytes_were_sent_ends_the_stream_without_splicing() {
         ev.streamed_chunks, 2,
         "what the client received is recorded"
     );
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_before_its_first_token_is_left_for_the_next_candidate() {
+    let (up, gw) = start().await;
+    // No deadline on this candidate: the stream is still held back until its first token.
+    let r = chat(
+        &gw,
+        json!({"model": "cut-first", "stream": true, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(header(&r, "x-fuke-backend"), Some("local/smol"));
+    assert_eq!(header(&r, "x-fuke-fallback"), Some("stream_broken"));
+    let (text, done) = sse_content(&r.text());
+    assert!(done && !text.is_empty(), "{}", r.text());
+    assert_eq!(up.count("cut"), 1);
 }
 
 #[tokio::test]

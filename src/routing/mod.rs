@@ -199,10 +199,11 @@ pub async fn serve(call: Call<'_>, mut payload: Payload<'_>) -> Result<Response<
         };
         // A failure here may still move on only if the body can be sent again.
         let can_move_on = !last && replayable;
-        let first_token = cand
-            .first_token_timeout
-            .filter(|_| can_move_on && streams_tokens(call.endpoint));
-        let upstream_stream = call.stream || first_token.is_some();
+        // With a candidate after it, a stream is held back until its first token: a failure
+        // before then can still move on, and the deadline (if any) applies.
+        let hold_back = can_move_on && streams_tokens(call.endpoint);
+        let first_token = cand.first_token_timeout.filter(|_| hold_back);
+        let upstream_stream = call.stream || hold_back;
         // JSON bodies are kept to be sent again after a connect failure; an upload goes once.
         let (json, mut upload) = match &mut payload {
             Payload::Json(req) => (
@@ -263,7 +264,7 @@ pub async fn serve(call: Call<'_>, mut payload: Payload<'_>) -> Result<Response<
                     other => break other?,
                 }
             };
-            if first_token.is_some() && resp.status.is_success() && is_sse(&resp) {
+            if hold_back && resp.status.is_success() && is_sse(&resp) {
                 first_token::wait(resp, &cand.name).await
             } else {
                 Ok(resp)

@@ -5,6 +5,7 @@
 //! - `slow`: SSE, one word every 20 ms for 150 words (client-disconnect tests)
 //! - `hang`: never answers
 //! - `drop`: SSE, two chunks, then the connection is cut
+//! - `cut`: SSE headers, then the connection is cut before any event
 //! - `no-usage`: SSE without a usage chunk even when asked
 //! - `linger`: SSE that stays open after `data: [DONE]` until the reader leaves
 //! - `stall`: SSE, two chunks, then silence with the connection open
@@ -296,7 +297,11 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body
     } else {
         Duration::ZERO
     };
-    let drop_after = if model == "drop" { Some(2) } else { None };
+    let drop_after = match model.as_str() {
+        "drop" => Some(2),
+        "cut" => Some(0),
+        _ => None,
+    };
     let linger = model == "linger";
     let stall_after = if model == "stall" { Some(2) } else { None };
     if model == "delay" && chat {
