@@ -25,6 +25,9 @@ use crate::openai::Endpoint;
 use crate::policy::{Policy, PolicyStore, Principal, Role};
 use crate::proxy;
 use crate::telemetry::{Label, LatencyLabels, Metrics, RequestLabels};
+use crate::trace::{self, RequestTrace, Tracing};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 /// Settings from `fuke.yaml` that the request path reads.
 #[derive(Debug, Clone)]
@@ -51,6 +54,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub limiter: RateLimiter,
     pub settings: Settings,
+    /// OTLP tracing; `None` when off.
+    pub tracing: Option<Arc<Tracing>>,
     shutting_down: AtomicBool,
 }
 
@@ -62,6 +67,7 @@ impl App {
         sink: Arc<dyn UsageSink>,
         metrics: Arc<Metrics>,
         settings: Settings,
+        tracing: Option<Arc<Tracing>>,
     ) -> Arc<Self> {
         metrics.policy_version.set(policy.current().version as i64);
         Arc::new(App {
@@ -70,6 +76,7 @@ impl App {
             metrics,
             limiter: RateLimiter::default(),
             settings,
+            tracing,
             shutting_down: AtomicBool::new(false),
         })
     }
@@ -152,10 +159,26 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         model: None,
         endpoint: "other",
     };
-    let resp = match dispatch(&app, req, &mut labels).await {
+    let trace = app
+        .tracing
+        .as_ref()
+        .map(|t| t.request(req.method().as_str(), req.uri().path(), req.headers()));
+    let resp = match dispatch(&app, req, &mut labels, trace.as_ref()).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     };
+    if let Some(t) = &trace {
+        t.set([KeyValue::new(
+            "http.response.status_code",
+            i64::from(resp.status().as_u16()),
+        )]);
+        if let Some(tenant) = &labels.tenant {
+            t.set([KeyValue::new("fuke.tenant", tenant.to_string())]);
+        }
+        if let Some(model) = &labels.model {
+            t.set([KeyValue::new("gen_ai.request.model", model.to_string())]);
+        }
+    }
     app.metrics.in_flight.dec();
     let none = || Label(Arc::from("-"));
     let tenant = labels.tenant.as_ref().map_or_else(none, Label::from);
@@ -195,6 +218,7 @@ async fn dispatch(
     app: &Arc<App>,
     req: Request<Incoming>,
     labels: &mut Labels,
+    trace: Option<&Arc<RequestTrace>>,
 ) -> Result<Response<Body>, Error> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
@@ -250,7 +274,12 @@ async fn dispatch(
 
     // One policy version for the whole request.
     let policy: Arc<Policy> = app.policy.current();
-    let principal: Principal = auth::authenticate(req.headers(), &policy)?.clone();
+    let stage = trace.map(|t| t.child(None, "auth", SpanKind::Internal, Vec::new()));
+    let principal = auth::authenticate(req.headers(), &policy);
+    if let Some(cx) = &stage {
+        trace::end(cx, principal.as_ref().err().map(|_| "invalid API key"));
+    }
+    let principal: Principal = principal?.clone();
     labels.tenant = Some(principal.tenant.clone());
     let tenant = policy
         .tenant(&principal.tenant)
@@ -263,6 +292,36 @@ async fn dispatch(
         return breakers(app, &principal);
     }
 
+    let stage = trace.map(|t| {
+        t.child(
+            None,
+            "policy",
+            SpanKind::Internal,
+            vec![
+                KeyValue::new("fuke.tenant", principal.tenant.to_string()),
+                KeyValue::new("fuke.policy_version", policy.version as i64),
+            ],
+        )
+    });
+    let checked = check_policy(app, tenant);
+    if let Some(cx) = &stage {
+        trace::end(cx, checked.as_ref().err().map(|_| "rate limited"));
+    }
+    checked?;
+
+    let Some(endpoint) = endpoint else {
+        return Err(Error::Internal("unreachable route".into()));
+    };
+    let caller = proxy::Caller {
+        policy: &policy,
+        principal: &principal,
+        tenant,
+    };
+    proxy::model_call(app, caller, endpoint, req, &mut labels.model, trace).await
+}
+
+/// The tenant's limits, before any body is read.
+fn check_policy(app: &App, tenant: &crate::policy::Tenant) -> Result<(), Error> {
     if let Some(rpm) = tenant.limits.requests_per_minute
         && let Err(wait) = app.limiter.check(&tenant.name, rpm)
     {
@@ -275,20 +334,7 @@ async fn dispatch(
             retry_after_secs: secs.max(1),
         });
     }
-
-    let Some(endpoint) = endpoint else {
-        return Err(Error::Internal("unreachable route".into()));
-    };
-    proxy::model_call(
-        app,
-        &policy,
-        &principal,
-        tenant,
-        endpoint,
-        req,
-        &mut labels.model,
-    )
-    .await
+    Ok(())
 }
 
 /// `GET /admin/breakers` (admin keys): every backend + model's breaker state.

@@ -32,6 +32,7 @@
 //! - [`limits`] — in-process rate limits.
 //! - [`metering`] — usage events and sinks.
 //! - [`telemetry`] — logging and Prometheus metrics.
+//! - [`trace`] — OpenTelemetry spans over OTLP.
 //! - [`tls`] — rustls server configs with certificate hot reload.
 //! - [`reload`] — file watching for hot reload.
 //! - [`devcerts`] — development certificates.
@@ -56,3 +57,4 @@ pub mod server;
 pub mod sse;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;

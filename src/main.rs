@@ -164,6 +164,15 @@ async fn serve_async(
     let mut metrics = Metrics::new();
     metrics.register_collector(local.clone());
     metrics.register_collector(fuke::routing::BoardMetrics(health.clone()));
+    let tracing_export = match &config.tracing {
+        Some(cfg) => {
+            let t = fuke::trace::Tracing::start(cfg).map_err(|e| anyhow::anyhow!(e))?;
+            metrics.register_collector(t.metrics());
+            tracing::info!(endpoint = ?cfg.endpoint, protocol = ?cfg.protocol, "OTLP tracing on");
+            Some(t)
+        }
+        None => None,
+    };
     let metrics = Arc::new(metrics);
     let backends = Arc::new(Registry {
         local,
@@ -179,6 +188,7 @@ async fn serve_async(
         sink,
         metrics.clone(),
         config.settings.clone(),
+        tracing_export.clone(),
     );
 
     let _policy_watch = {
@@ -241,6 +251,9 @@ async fn serve_async(
     let _ = stop_tx.send(true);
     while let Some(r) = servers.join_next().await {
         r??;
+    }
+    if let Some(t) = &tracing_export {
+        t.flush().await;
     }
     Ok(())
 }

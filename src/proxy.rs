@@ -18,6 +18,7 @@ use crate::error::Error;
 use crate::openai::{Endpoint, JsonRequest, ModelList, ModelObject};
 use crate::policy::{ModelRoute, Policy, Principal, RouteRefusal, Tenant};
 use crate::routing::{self, Call, Payload};
+use crate::trace::RequestTrace;
 
 /// `GET /v1/models` and `GET /v1/models/{id}`: only the aliases this tenant may use.
 pub fn models(policy: &Policy, tenant: &Tenant, path: &str) -> Result<Response<Body>, Error> {
@@ -68,16 +69,27 @@ fn declared_length(req: &Request<Incoming>) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Who calls, under which policy version: pinned for the whole request.
+pub struct Caller<'a> {
+    pub policy: &'a Policy,
+    pub principal: &'a Principal,
+    pub tenant: &'a Tenant,
+}
+
 /// POST to a model endpoint, under the policy version and tenant the caller pinned.
 pub async fn model_call(
     app: &App,
-    policy: &Policy,
-    principal: &Principal,
-    tenant: &Tenant,
+    caller: Caller<'_>,
     endpoint: Endpoint,
     req: Request<Incoming>,
     model_label: &mut Option<Arc<str>>,
+    trace: Option<&Arc<RequestTrace>>,
 ) -> Result<Response<Body>, Error> {
+    let Caller {
+        policy,
+        principal,
+        tenant,
+    } = caller;
     let started = Instant::now();
     let request_id = req
         .headers()
@@ -112,6 +124,7 @@ pub async fn model_call(
             started,
             stream: false,
             include_usage: false,
+            trace: trace.cloned(),
         };
         routing::serve(call, payload).await
     } else {
@@ -128,6 +141,7 @@ pub async fn model_call(
             started,
             stream: parsed.stream,
             include_usage: parsed.include_usage,
+            trace: trace.cloned(),
         };
         routing::serve(call, Payload::Json(&parsed)).await
     }

@@ -23,6 +23,9 @@ use crate::openai::{Endpoint, Usage, usage_of_response};
 use crate::routing::breaker::{Permit, Verdict};
 use crate::sse::SseScanner;
 use crate::telemetry::Metrics;
+use crate::trace::{self, RequestTrace};
+use opentelemetry::trace::{SpanKind, TraceContextExt as _};
+use opentelemetry::{Context, KeyValue};
 
 /// How long to keep reading an upstream after its `[DONE]` for connection reuse.
 const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -49,6 +52,55 @@ pub struct Meter {
     pub chunks: u32,
     /// The breaker's admission of this call: settled by how the answer ends.
     pub permit: Option<Permit>,
+    /// The request's spans, ended when the answer is metered.
+    pub trace: Option<MeterTrace>,
+}
+
+/// Spans a meter ends: the request's (its server span ends when the last holder drops it) and
+/// the served attempt's (attempt, backend call).
+pub struct MeterTrace {
+    pub request: Arc<RequestTrace>,
+    pub spans: Vec<Context>,
+}
+
+impl MeterTrace {
+    fn finish(&self, event: &UsageEvent) {
+        let mut attrs = vec![KeyValue::new("fuke.outcome", event.outcome.as_str())];
+        if let Some(u) = &event.usage {
+            attrs.push(KeyValue::new(
+                "gen_ai.usage.input_tokens",
+                u.prompt_tokens as i64,
+            ));
+            attrs.push(KeyValue::new(
+                "gen_ai.usage.output_tokens",
+                u.completion_tokens as i64,
+            ));
+        }
+        if !event.upstream_model.is_empty() {
+            attrs.push(KeyValue::new(
+                "gen_ai.response.model",
+                event.upstream_model.clone(),
+            ));
+        }
+        attrs.push(KeyValue::new("fuke.backend", event.backend.clone()));
+        if let Some(f) = &event.fallback {
+            attrs.push(KeyValue::new("fuke.fallback", f.to_string()));
+        }
+        self.request.set(attrs.iter().cloned());
+        let failed = event.outcome != Outcome::Completed || event.status >= 500;
+        // Innermost first: the backend call, then its attempt.
+        for cx in self.spans.iter().rev() {
+            let span = cx.span();
+            for kv in &attrs {
+                span.set_attribute(kv.clone());
+            }
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(event.status),
+            ));
+            trace::end(cx, failed.then_some(event.outcome.as_str()));
+        }
+    }
 }
 
 impl Meter {
@@ -90,7 +142,16 @@ impl Meter {
         self.settle(status, outcome);
         let event = self.event(usage, status, outcome);
         self.metrics.record_usage(&event);
+        let Some(t) = &self.trace else {
+            self.sink.record(event).await;
+            return;
+        };
+        t.finish(&event);
+        let commit = t
+            .request
+            .child(None, "usage commit", SpanKind::Internal, Vec::new());
         self.sink.record(event).await;
+        trace::end(&commit, None);
     }
 
     /// Records from a destructor: the request is gone, the event must not be.
@@ -98,6 +159,9 @@ impl Meter {
         self.settle(status, outcome);
         let event = self.event(usage, status, outcome);
         self.metrics.record_usage(&event);
+        if let Some(t) = &self.trace {
+            t.finish(&event);
+        }
         let fut = self.sink.record(event);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(fut);

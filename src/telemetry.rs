@@ -58,6 +58,11 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    pub endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabel {
     pub backend: String,
 }
@@ -75,6 +80,11 @@ pub struct ResultLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+fn overhead_histogram() -> Histogram {
+    // 10 µs .. ~1.3 s
+    Histogram::new(exponential_buckets(0.00001, 2.0, 18))
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~65 s
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
@@ -87,6 +97,7 @@ pub struct Metrics {
     pub upstream_responses: Family<UpstreamLabels, Counter>,
     pub fallbacks: Family<FallbackLabels, Counter>,
     pub upstream_retries: Family<BackendLabel, Counter>,
+    pub overhead: HistogramFamily<EndpointLabel>,
     pub tokens: Family<TokenLabels, Counter>,
     pub usage_missing: Counter,
     pub policy_reloads: Family<ResultLabels, Counter>,
@@ -133,6 +144,13 @@ impl Metrics {
             "fallbacks",
             "Route candidates passed over, by model alias and reason",
             fallbacks.clone(),
+        );
+        let overhead: HistogramFamily<EndpointLabel> =
+            Family::new_with_constructor(overhead_histogram);
+        registry.register(
+            "overhead_seconds",
+            "The gateway's own time per model request until response headers: total less the time waiting for backends",
+            overhead.clone(),
         );
         let upstream_retries = Family::<BackendLabel, Counter>::default();
         registry.register(
@@ -183,6 +201,7 @@ impl Metrics {
             upstream_responses,
             fallbacks,
             upstream_retries,
+            overhead,
             tokens,
             usage_missing,
             policy_reloads,

@@ -120,6 +120,7 @@ async fn kubernetes_style_symlink_swap_is_seen() {
         std::sync::Arc::new(fuke::metering::LogSink::new(std::io::sink())),
         Default::default(),
         Default::default(),
+        None,
     );
     let a = app.clone();
     let _watch =

@@ -24,6 +24,8 @@ pub struct BackendRequest {
     pub content_type: HeaderValue,
     pub content_length: Option<u64>,
     pub request_id: HeaderValue,
+    /// W3C `traceparent` of the call's span, when tracing is on.
+    pub traceparent: Option<HeaderValue>,
 }
 
 /// The backend's answer, body still streaming.

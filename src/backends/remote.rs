@@ -21,6 +21,7 @@ use crate::openai::Endpoint;
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Headers of an upstream answer that the client should see.
 const RELAYED: &[&str] = &[
@@ -159,6 +160,9 @@ impl Remote {
         headers.insert(header::CONTENT_TYPE, req.content_type);
         headers.insert(header::USER_AGENT, HeaderValue::from_static("fuke/0.1"));
         headers.insert(X_REQUEST_ID, req.request_id);
+        if let Some(tp) = req.traceparent {
+            headers.insert(TRACEPARENT, tp);
+        }
         if let Some(len) = req.content_length {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }

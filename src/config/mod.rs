@@ -29,6 +29,8 @@ struct RawConfig {
     local_models: IndexMap<String, RawLocalModel>,
     /// The local embedding model the rest of Fuke (cache, knowledge base) embeds with.
     embedder: Option<String>,
+    /// OpenTelemetry export (OTLP); the `OTEL_*` variables work without it.
+    tracing: Option<crate::trace::RawTracing>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +100,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub local_models: Vec<LocalModelConfig>,
     pub embedder: Option<String>,
+    /// OTLP tracing, from `tracing:` and the `OTEL_*` variables; `None` when off.
+    pub tracing: Option<crate::trace::TraceConfig>,
     /// The file, and the line of each local model's `path`, for `fuke check`'s reports.
     source: PathBuf,
     local_model_lines: Vec<Option<usize>>,
@@ -251,6 +255,13 @@ impl Config {
             local_models.push(model);
             local_model_lines.push(lines.line_of(&format!("{key}.path")));
         }
+        let tracing = match crate::trace::TraceConfig::resolve(raw.tracing.as_ref()) {
+            Ok(t) => t,
+            Err(e) => {
+                add("tracing".into(), e);
+                None
+            }
+        };
         if let Some(name) = &raw.embedder {
             match local_models.iter().find(|m| &m.name == name) {
                 Some(m) if m.kind == LocalKind::Embedding => {}
@@ -268,6 +279,7 @@ impl Config {
             Ok(Config {
                 local_models,
                 embedder: raw.embedder,
+                tracing,
                 source: path.to_path_buf(),
                 local_model_lines,
                 listeners,

@@ -23,9 +23,12 @@ use crate::error::Error;
 use crate::metering::Outcome;
 use crate::openai::{Endpoint, JsonRequest};
 use crate::policy::{ModelRoute, Principal};
-use crate::relay::{Meter, relay};
+use crate::relay::{Meter, MeterTrace, relay};
 use crate::telemetry::{FallbackLabels, Label, UpstreamLabels};
+use crate::trace::{self, RequestTrace};
 use breaker::{Health, Permit, Refusal, Verdict};
+use opentelemetry::trace::{SpanKind, TraceContextExt as _};
+use opentelemetry::{Context, KeyValue};
 
 pub use breaker::{Board, BoardMetrics, BreakerSettings, HealthSnapshot};
 
@@ -39,6 +42,7 @@ const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(10);
 const X_FUKE_BACKEND: HeaderName = HeaderName::from_static("x-fuke-backend");
 const X_FUKE_FALLBACK: HeaderName = HeaderName::from_static("x-fuke-fallback");
 const X_FUKE_FALLBACK_FROM: HeaderName = HeaderName::from_static("x-fuke-fallback-from");
+const X_FUKE_OVERHEAD_MS: HeaderName = HeaderName::from_static("x-fuke-overhead-ms");
 
 /// One place a model alias may be served from.
 pub struct Candidate {
@@ -174,10 +178,61 @@ pub struct Call<'a> {
     pub stream: bool,
     /// The client asked for the usage chunk.
     pub include_usage: bool,
+    /// The request's spans, when tracing is on.
+    pub trace: Option<Arc<RequestTrace>>,
 }
 
 /// Tries the route's candidates until one answers; relays and meters that answer.
-pub async fn serve(call: Call<'_>, mut payload: Payload<'_>) -> Result<Response<Body>, Error> {
+pub async fn serve(call: Call<'_>, payload: Payload<'_>) -> Result<Response<Body>, Error> {
+    let mut waited = Duration::ZERO;
+    let mut resp = attempts(&call, payload, &mut waited).await?;
+    // The gateway's own time: until response headers, less the time spent waiting for
+    // backends (answers, first tokens, JSON bodies).
+    let overhead = call.started.elapsed().saturating_sub(waited);
+    call.app
+        .metrics
+        .overhead
+        .get_or_create(&crate::telemetry::EndpointLabel {
+            endpoint: call.endpoint.as_str(),
+        })
+        .observe(overhead.as_secs_f64());
+    let mut ms = itoa_ms(overhead);
+    if let Ok(v) = HeaderValue::from_str(std::mem::take(&mut ms).as_str()) {
+        resp.headers_mut().insert(X_FUKE_OVERHEAD_MS, v);
+    }
+    Ok(resp)
+}
+
+/// Milliseconds with three decimals.
+fn itoa_ms(d: Duration) -> String {
+    let us = d.as_micros();
+    format!("{}.{:03}", us / 1000, us % 1000)
+}
+
+/// The stage spans of one attempt, when tracing is on.
+struct AttemptSpans {
+    request: Arc<RequestTrace>,
+    attempt: Context,
+    backend: Option<Context>,
+}
+
+impl AttemptSpans {
+    fn fail(self, reason: &str) {
+        if let Some(b) = &self.backend {
+            trace::end(b, Some(reason));
+        }
+        self.attempt
+            .span()
+            .set_attribute(KeyValue::new("fuke.fallback.reason", reason.to_string()));
+        trace::end(&self.attempt, None);
+    }
+}
+
+async fn attempts(
+    call: &Call<'_>,
+    mut payload: Payload<'_>,
+    waited: &mut Duration,
+) -> Result<Response<Body>, Error> {
     let route = call.route;
     let order = attempt_order(&route.candidates);
     let replayable = matches!(payload, Payload::Json(_));
@@ -186,6 +241,17 @@ pub async fn serve(call: Call<'_>, mut payload: Payload<'_>) -> Result<Response<
 
     for (i, cand) in order.iter().copied().enumerate() {
         let last = i + 1 == order.len();
+        let attempt_span = call.trace.as_ref().map(|t| {
+            t.child(
+                None,
+                "route attempt",
+                SpanKind::Internal,
+                vec![
+                    KeyValue::new("fuke.candidate", cand.name.to_string()),
+                    KeyValue::new("fuke.attempt", i as i64),
+                ],
+            )
+        });
         let permit = match cand.health.admit(cand.max_in_flight) {
             Ok(p) => p,
             Err(refusal) => {
@@ -193,10 +259,59 @@ pub async fn serve(call: Call<'_>, mut payload: Payload<'_>) -> Result<Response<
                     Refusal::Open => Fallback::BreakerOpen,
                     Refusal::Busy => Fallback::Busy,
                 };
+                if let Some(cx) = &attempt_span {
+                    cx.span()
+                        .set_attribute(KeyValue::new("fuke.fallback.reason", reason.as_str()));
+                    trace::end(cx, None);
+                }
                 skipped.push((cand, reason));
                 continue;
             }
         };
+        let spans = match (&call.trace, attempt_span) {
+            (Some(t), Some(attempt)) => {
+                let local = cand.backend.name().starts_with("local:");
+                let op = match call.endpoint {
+                    Endpoint::ChatCompletions => "chat",
+                    Endpoint::Completions => "text_completion",
+                    Endpoint::Embeddings => "embeddings",
+                    Endpoint::AudioTranscriptions => "transcription",
+                };
+                let name = if local {
+                    "local generation".to_string()
+                } else {
+                    format!("{op} {}", cand.model)
+                };
+                let backend = t.child(
+                    Some(&attempt),
+                    name,
+                    if local {
+                        SpanKind::Internal
+                    } else {
+                        SpanKind::Client
+                    },
+                    vec![
+                        KeyValue::new("gen_ai.operation.name", op),
+                        KeyValue::new("gen_ai.request.model", cand.model.clone()),
+                        KeyValue::new(
+                            "gen_ai.provider.name",
+                            if local { "llama.cpp" } else { "openai" },
+                        ),
+                        KeyValue::new("fuke.backend", cand.backend.name().to_string()),
+                    ],
+                );
+                Some(AttemptSpans {
+                    request: t.clone(),
+                    attempt,
+                    backend: Some(backend),
+                })
+            }
+            _ => None,
+        };
+        let traceparent = spans
+            .as_ref()
+            .and_then(|s| s.backend.as_ref())
+            .and_then(trace::traceparent);
         // A failure here may still move on only if the body can be sent again.
         let can_move_on = !last && replayable;
         // With a candidate after it, a stream is held back until its first token: a failure
@@ -239,6 +354,7 @@ pub async fn serve(call: Call<'_>, mut payload: Payload<'_>) -> Result<Response<
                 content_type,
                 content_length,
                 request_id: call.request_id.clone(),
+                traceparent: traceparent.clone(),
             }
         };
         let total_deadline = cand.timeout.map(|t| tokio::time::Instant::now() + t);
@@ -276,33 +392,49 @@ pub async fn serve(call: Call<'_>, mut payload: Payload<'_>) -> Result<Response<
             (Some(d), None) => Some(tokio::time::Instant::now() + d),
             (None, t) => t,
         };
+        let began = Instant::now();
         let result = match limit {
             Some(at) => tokio::time::timeout_at(at, attempt)
                 .await
                 .unwrap_or_else(|_| Err(deadline_error(cand))),
             None => attempt.await,
         };
+        *waited += began.elapsed();
         count_attempt(call.app, cand, &result);
 
         match result {
             Err(e) => match Fallback::of_error(&e) {
                 Some(reason) if can_move_on => {
                     permit.settle(Verdict::Failure);
+                    if let Some(s) = spans {
+                        s.fail(reason.as_str());
+                    }
                     skipped.push((cand, reason));
                     failure = Some((cand, permit, e));
                 }
-                _ => return Ok(fail(&call, cand, permit, &skipped, e).await),
+                _ => return Ok(fail(call, cand, permit, &skipped, e, spans).await),
             },
             Ok(resp) => match Fallback::of_status(resp.status) {
                 Some(reason) if can_move_on => {
                     // Dropping the answer closes its connection.
                     permit.settle(Verdict::Failure);
+                    if let Some(s) = spans {
+                        s.fail(reason.as_str());
+                    }
                     skipped.push((cand, reason));
                 }
                 _ => {
                     let mut resp = resp;
                     resp.deadline = total_deadline;
-                    return commit(&call, cand, permit, &skipped, resp, upstream_stream).await;
+                    let began = Instant::now();
+                    let streamed_to_client = call.stream && is_sse(&resp);
+                    let out =
+                        commit(call, cand, permit, &skipped, resp, upstream_stream, spans).await;
+                    if !streamed_to_client {
+                        // A JSON answer was read whole before its headers.
+                        *waited += began.elapsed();
+                    }
+                    return out;
                 }
             },
         }
@@ -310,7 +442,7 @@ pub async fn serve(call: Call<'_>, mut payload: Payload<'_>) -> Result<Response<
 
     // Nobody answered.
     if let Some((cand, permit, e)) = failure {
-        return Ok(fail(&call, cand, permit, &skipped, e).await);
+        return Ok(fail(call, cand, permit, &skipped, e, None).await);
     }
     let retry_after = route
         .candidates
@@ -322,7 +454,7 @@ pub async fn serve(call: Call<'_>, mut payload: Payload<'_>) -> Result<Response<
         model: route.alias.to_string(),
         retry_after_secs: retry_after.as_secs().max(1),
     };
-    let meter = meter(&call, None, None, &skipped);
+    let meter = meter(call, None, None, &skipped, None);
     meter
         .record(None, e.status().as_u16(), Outcome::UpstreamFailed)
         .await;
@@ -368,6 +500,7 @@ fn meter(
     cand: Option<&Candidate>,
     permit: Option<Permit>,
     skipped: &[(&Candidate, Fallback)],
+    spans: Option<AttemptSpans>,
 ) -> Meter {
     for (_, reason) in skipped {
         call.app
@@ -394,6 +527,16 @@ fn meter(
         fallback: reasons(skipped).map(Arc::from),
         chunks: 0,
         permit,
+        trace: match spans {
+            Some(s) => Some(MeterTrace {
+                request: s.request,
+                spans: [Some(s.attempt), s.backend].into_iter().flatten().collect(),
+            }),
+            None => call.trace.clone().map(|request| MeterTrace {
+                request,
+                spans: Vec::new(),
+            }),
+        },
     }
 }
 
@@ -449,6 +592,7 @@ async fn fail(
     permit: Permit,
     skipped: &[(&Candidate, Fallback)],
     e: Error,
+    spans: Option<AttemptSpans>,
 ) -> Response<Body> {
     let outcome = if Fallback::of_error(&e).is_some() {
         Outcome::UpstreamFailed
@@ -456,7 +600,7 @@ async fn fail(
         // The backend refused the request itself (e.g. a parameter a local model lacks).
         Outcome::Completed
     };
-    let meter = meter(call, Some(cand), Some(permit), skipped);
+    let meter = meter(call, Some(cand), Some(permit), skipped, spans);
     meter.record(None, e.status().as_u16(), outcome).await;
     let mut resp = e.into_response();
     label(&mut resp, Some(cand), skipped);
@@ -471,8 +615,9 @@ async fn commit(
     skipped: &[(&Candidate, Fallback)],
     resp: BackendResponse,
     upstream_stream: bool,
+    spans: Option<AttemptSpans>,
 ) -> Result<Response<Body>, Error> {
-    let meter = meter(call, Some(cand), Some(permit), skipped);
+    let meter = meter(call, Some(cand), Some(permit), skipped, spans);
     let mut out = if upstream_stream && !call.stream && is_sse(&resp) && resp.status.is_success() {
         assemble::json(resp, meter, call.endpoint).await?
     } else {

@@ -131,6 +131,8 @@ pub struct Options {
     pub settings: Settings,
     /// Local models the policy may route to (`local: NAME`).
     pub local: LocalModels,
+    /// OTLP tracing (started by the test).
+    pub tracing: Option<Arc<fuke::trace::Tracing>>,
 }
 
 impl Default for Options {
@@ -139,6 +141,7 @@ impl Default for Options {
             transport: Transport::Plain,
             settings: Settings::default(),
             local: LocalModels::default(),
+            tracing: None,
         }
     }
 }
@@ -157,6 +160,9 @@ impl Gateway {
         let mut metrics = Metrics::new();
         metrics.register_collector(opts.local.clone());
         metrics.register_collector(fuke::routing::BoardMetrics(health.clone()));
+        if let Some(t) = &opts.tracing {
+            metrics.register_collector(t.metrics());
+        }
         let metrics = Arc::new(metrics);
         let store = PolicyStore::open(
             &policy_dir,
@@ -168,7 +174,13 @@ impl Gateway {
         )
         .unwrap_or_else(|p| panic!("test policy invalid:\n{p}"));
         let sink = Arc::new(CollectingSink::default());
-        let app = App::new(Arc::new(store), sink.clone(), metrics, opts.settings);
+        let app = App::new(
+            Arc::new(store),
+            sink.clone(),
+            metrics,
+            opts.settings,
+            opts.tracing,
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
