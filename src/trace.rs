@@ -458,3 +458,31 @@ impl Collector for TraceMetrics {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuke_yaml_settings_are_checked_and_defaulted() {
+        let raw = RawTracing {
+            endpoint: Some("http://127.0.0.1:4318/v1/traces".into()),
+            protocol: Some(OtlpProtocol::HttpProtobuf),
+            ..RawTracing::default()
+        };
+        let cfg = TraceConfig::resolve(Some(&raw)).unwrap().expect("on");
+        assert_eq!(cfg.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(cfg.endpoint.as_deref(), Some("http://127.0.0.1:4318/v1/traces"));
+        assert!(cfg.queue >= 1 && cfg.batch >= 1);
+        let bad = RawTracing {
+            sample_ratio: Some(1.5),
+            ..RawTracing::default()
+        };
+        assert!(TraceConfig::resolve(Some(&bad)).unwrap_err().contains("sample_ratio"));
+        let bad = RawTracing {
+            queue: Some(0),
+            ..RawTracing::default()
+        };
+        assert!(TraceConfig::resolve(Some(&bad)).is_err());
+    }
+}
