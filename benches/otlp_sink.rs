@@ -39,32 +39,33 @@ async fn main() {
         };
         let spans = spans.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let spans = spans.clone();
-                async move {
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                    if let Ok(req) = body.map(ExportTraceServiceRequest::decode) {
-                        let n: usize = req
-                            .map(|r| {
-                                r.resource_spans
-                                    .iter()
-                                    .flat_map(|rs| &rs.scope_spans)
-                                    .map(|ss| ss.spans.len())
-                                    .sum()
-                            })
-                            .unwrap_or(0);
-                        spans.fetch_add(n as u64, Ordering::Relaxed);
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let spans = spans.clone();
+                    async move {
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        if let Ok(req) = body.map(ExportTraceServiceRequest::decode) {
+                            let n: usize = req
+                                .map(|r| {
+                                    r.resource_spans
+                                        .iter()
+                                        .flat_map(|rs| &rs.scope_spans)
+                                        .map(|ss| ss.spans.len())
+                                        .sum()
+                                })
+                                .unwrap_or(0);
+                            spans.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        let mut resp = http::Response::new(Full::new(Bytes::from(
+                            ExportTraceServiceResponse::default().encode_to_vec(),
+                        )));
+                        resp.headers_mut().insert(
+                            "content-type",
+                            http::HeaderValue::from_static("application/x-protobuf"),
+                        );
+                        Ok::<_, Infallible>(resp)
                     }
-                    let mut resp = http::Response::new(Full::new(Bytes::from(
-                        ExportTraceServiceResponse::default().encode_to_vec(),
-                    )));
-                    resp.headers_mut().insert(
-                        "content-type",
-                        http::HeaderValue::from_static("application/x-protobuf"),
-                    );
-                    Ok::<_, Infallible>(resp)
-                }
-            });
+                });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;

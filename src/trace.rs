@@ -472,13 +472,20 @@ mod tests {
         };
         let cfg = TraceConfig::resolve(Some(&raw)).unwrap().expect("on");
         assert_eq!(cfg.protocol, OtlpProtocol::HttpProtobuf);
-        assert_eq!(cfg.endpoint.as_deref(), Some("http://127.0.0.1:4318/v1/traces"));
+        assert_eq!(
+            cfg.endpoint.as_deref(),
+            Some("http://127.0.0.1:4318/v1/traces")
+        );
         assert!(cfg.queue >= 1 && cfg.batch >= 1);
         let bad = RawTracing {
             sample_ratio: Some(1.5),
             ..RawTracing::default()
         };
-        assert!(TraceConfig::resolve(Some(&bad)).unwrap_err().contains("sample_ratio"));
+        assert!(
+            TraceConfig::resolve(Some(&bad))
+                .unwrap_err()
+                .contains("sample_ratio")
+        );
         let bad = RawTracing {
             queue: Some(0),
             ..RawTracing::default()
