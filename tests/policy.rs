@@ -297,6 +297,40 @@ fn certs_dev_writes_a_usable_set_and_check_accepts_a_tls_listener() {
 }
 
 #[test]
+fn check_reports_bad_tracing_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).unwrap();
+    std::fs::write(p.join("policies/a.yaml"), "").unwrap();
+    std::fs::write(
+        p.join("fuke.yaml"),
+        "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\ntracing:\n  endpoint: http://127.0.0.1:4317\n  sample_ratio: 2\n",
+    )
+    .unwrap();
+    let out = check(p);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let y = p.join("fuke.yaml").display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{y}:4: tracing: tracing.sample_ratio: 2 is not within 0..=1"
+        )),
+        "{err}"
+    );
+
+    std::fs::write(
+        p.join("fuke.yaml"),
+        "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\ntracing:\n  protocol: http/json\n",
+    )
+    .unwrap();
+    let err = String::from_utf8(check(p).stderr).unwrap();
+    assert!(
+        err.contains("tracing.protocol: unknown variant `http/json`"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_reports_local_model_files_and_references() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();

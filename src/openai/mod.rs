@@ -459,6 +459,30 @@ mod tests {
     }
 
     #[test]
+    fn a_json_request_can_be_asked_for_as_a_stream() {
+        let body = br#"{"model":"a","messages":[{"role":"user","content":"x"}],"temperature":0.5}"#;
+        let req = JsonRequest::parse(Endpoint::ChatCompletions, body).unwrap();
+        assert!(!req.stream);
+        let v: serde_json::Value =
+            serde_json::from_slice(&req.upstream_body_as("m", true)).unwrap();
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m");
+        assert_eq!(v["temperature"], 0.5);
+        let explicit =
+            br#"{"model":"a","stream":false,"messages":[{"role":"user","content":"x"}]}"#;
+        let req = JsonRequest::parse(Endpoint::ChatCompletions, explicit).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&req.upstream_body_as("m", true)).unwrap();
+        assert_eq!(
+            v["stream"], true,
+            "an explicit false is turned, not duplicated"
+        );
+        let text = String::from_utf8(req.upstream_body_as("m", true).to_vec()).unwrap();
+        assert_eq!(text.matches("\"stream\"").count(), 1, "{text}");
+    }
+
+    #[test]
     fn stream_forces_include_usage_and_keeps_other_options() {
         let body = br#"{"model":"a","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":false,"other":1}}"#;
         let req = JsonRequest::parse(Endpoint::ChatCompletions, body).unwrap();
