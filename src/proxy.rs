@@ -106,45 +106,42 @@ pub async fn model_call(
         return Err(Error::BodyTooLarge { limit });
     }
 
-    if endpoint == Endpoint::AudioTranscriptions {
+    // The alias is only known once the body has been read as far as its `model`.
+    let bytes;
+    let parsed;
+    let (route, payload, stream, include_usage) = if endpoint == Endpoint::AudioTranscriptions {
         let upload = read_multipart_head(req, limit).await?;
         let route = route(policy, tenant, &upload.model)?;
-        *model_label = Some(route.alias.clone());
         let payload = Payload::Upload {
             body: Some(upload.body),
             content_type: upload.content_type,
             length: upload.length,
         };
-        let call = Call {
-            app,
-            principal,
-            route,
-            endpoint,
-            request_id,
-            started,
-            stream: false,
-            include_usage: false,
-            trace: trace.cloned(),
-        };
-        routing::serve(call, payload).await
+        (route, payload, false, false)
     } else {
-        let bytes = read_body(req.into_body(), limit).await?;
-        let parsed = JsonRequest::parse(endpoint, &bytes)?;
+        bytes = read_body(req.into_body(), limit).await?;
+        parsed = JsonRequest::parse(endpoint, &bytes)?;
         let route = route(policy, tenant, &parsed.model)?;
-        *model_label = Some(route.alias.clone());
-        let call = Call {
-            app,
-            principal,
+        (
             route,
-            endpoint,
-            request_id,
-            started,
-            stream: parsed.stream,
-            include_usage: parsed.include_usage,
-            trace: trace.cloned(),
-        };
-        routing::serve(call, Payload::Json(&parsed)).await
-    }
+            Payload::Json(&parsed),
+            parsed.stream,
+            parsed.include_usage,
+        )
+    };
+    *model_label = Some(route.alias.clone());
+    let call = Call {
+        app,
+        principal,
+        route,
+        endpoint,
+        request_id,
+        started,
+        stream,
+        include_usage,
+        trace: trace.cloned(),
+    };
+    routing::serve(call, payload).await
 }
 
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Error> {

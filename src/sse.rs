@@ -196,6 +196,37 @@ fn data_payload(event: &[u8]) -> &[u8] {
     }
 }
 
+/// The end of the first complete event in `buf` (just past its last line's newline) and where
+/// the next event starts (past the blank line), with LF or CRLF line ends.
+pub fn split_event(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| (i + 1, i + 2));
+    let crlf = memchr::memmem::find(buf, b"\n\r\n").map(|i| (i + 1, i + 3));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The data of one event: its `data:` lines joined by newlines, trimmed (empty for comments,
+/// keep-alives and events without data).
+pub fn event_data(event: &[u8]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+        }
+    }
+    let trimmed = data.trim_ascii();
+    if trimmed.len() != data.len() {
+        data = trimmed.to_vec();
+    }
+    data
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +306,21 @@ mod tests {
         let mut out = Vec::new();
         let r = sc.feed(Bytes::from_static(b"data: 0123456789abcdefghij"), &mut out);
         assert_eq!(r, Err(SseError::EventTooLarge(16)));
+    }
+
+    #[test]
+    fn events_split_on_lf_and_crlf_blank_lines() {
+        assert_eq!(split_event(b"data: a\n\ndata: b"), Some((8, 9)));
+        assert_eq!(split_event(b"data: a\r\n\r\ndata: b"), Some((9, 11)));
+        assert_eq!(split_event(b"data: a\n"), None);
+    }
+
+    #[test]
+    fn event_data_joins_data_lines() {
+        assert_eq!(
+            event_data(b"event: x\r\ndata: {\"a\":\r\ndata: 1}\r\n"),
+            b"{\"a\":\n1}"
+        );
+        assert_eq!(event_data(b": keep-alive\n"), b"");
     }
 }

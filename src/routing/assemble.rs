@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::metering::Outcome;
 use crate::openai::{Endpoint, Usage};
 use crate::relay::Meter;
+use crate::sse::{event_data, split_event};
 
 /// Largest assembled answer.
 const MAX_ANSWER: usize = 64 << 20;
@@ -61,11 +62,8 @@ pub async fn json(
                 return Err(format!("answer larger than {MAX_ANSWER} bytes"));
             }
             pending.extend_from_slice(&data);
-            while let Some(end) = memchr::memmem::find(&pending, b"\n\n")
-                .map(|i| i + 2)
-                .or_else(|| memchr::memmem::find(&pending, b"\n\r\n").map(|i| i + 3))
-            {
-                let event = pending.split_to(end);
+            while let Some((_, next)) = split_event(&pending) {
+                let event = pending.split_to(next);
                 if answer.feed(&event)? {
                     return Ok(());
                 }
@@ -125,14 +123,8 @@ impl Answer {
     /// Takes one SSE event; `true` at `[DONE]`. Chunks are read into borrowed, typed fields:
     /// only tool calls, logprobs and the first chunk's head become `Value`s.
     fn feed(&mut self, event: &[u8]) -> Result<bool, String> {
-        let mut data = Vec::new();
-        for line in event.split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if let Some(rest) = line.strip_prefix(b"data:") {
-                data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
-            }
-        }
-        let data = data.trim_ascii();
+        let data = event_data(event);
+        let data = data.as_slice();
         if data.is_empty() {
             return Ok(false);
         }

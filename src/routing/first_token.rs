@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::backends::BackendResponse;
 use crate::error::Error;
+use crate::sse::{event_data, split_event};
 
 /// Most bytes read while waiting for the first token.
 const MAX_PREAMBLE: usize = 1 << 20;
@@ -77,29 +78,10 @@ pub async fn wait(resp: BackendResponse, candidate: &str) -> Result<BackendRespo
     }
 }
 
-/// The end of the first complete event in `buf` and where the next one starts.
-fn split_event(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| (i + 1, i + 2));
-    let crlf = memchr::memmem::find(buf, b"\n\r\n").map(|i| (i + 1, i + 3));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
-    }
-}
-
 /// Whether one SSE event carries output. An error event is an error.
 fn has_output(event: &[u8]) -> Result<bool, String> {
-    let mut data = Vec::new();
-    for line in event.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            if !data.is_empty() {
-                data.push(b'\n');
-            }
-            data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
-        }
-    }
-    let data = data.trim_ascii();
+    let data = event_data(event);
+    let data = data.as_slice();
     if data.is_empty() {
         return Ok(false); // comments, keep-alives, `event:` lines alone
     }
@@ -156,12 +138,5 @@ mod tests {
         assert_eq!(has_output(b"data: [DONE]"), Ok(true));
         assert!(has_output(br#"data: {"error":{"message":"overloaded"}}"#).is_err());
         assert!(has_output(b"data: {not json").is_err());
-    }
-
-    #[test]
-    fn events_split_on_lf_and_crlf_blank_lines() {
-        assert_eq!(split_event(b"data: a\n\ndata: b"), Some((8, 9)));
-        assert_eq!(split_event(b"data: a\r\n\r\ndata: b"), Some((9, 11)));
-        assert_eq!(split_event(b"data: a\n"), None);
     }
 }

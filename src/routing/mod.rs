@@ -10,7 +10,6 @@ mod assemble;
 pub mod breaker;
 mod first_token;
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -196,17 +195,11 @@ pub async fn serve(call: Call<'_>, payload: Payload<'_>) -> Result<Response<Body
             endpoint: call.endpoint.as_str(),
         })
         .observe(overhead.as_secs_f64());
-    let mut ms = itoa_ms(overhead);
-    if let Ok(v) = HeaderValue::from_str(std::mem::take(&mut ms).as_str()) {
+    let us = overhead.as_micros();
+    if let Ok(v) = HeaderValue::from_str(&format!("{}.{:03}", us / 1000, us % 1000)) {
         resp.headers_mut().insert(X_FUKE_OVERHEAD_MS, v);
     }
     Ok(resp)
-}
-
-/// Milliseconds with three decimals.
-fn itoa_ms(d: Duration) -> String {
-    let us = d.as_micros();
-    format!("{}.{:03}", us / 1000, us % 1000)
 }
 
 /// The stage spans of one attempt, when tracing is on.
@@ -542,17 +535,8 @@ fn meter(
 
 /// `timeout,breaker_open`: why each skipped candidate was skipped, in order.
 fn reasons(skipped: &[(&Candidate, Fallback)]) -> Option<String> {
-    if skipped.is_empty() {
-        return None;
-    }
-    let mut s = String::new();
-    for (i, (_, r)) in skipped.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        s.push_str(r.as_str());
-    }
-    Some(s)
+    let reasons: Vec<&str> = skipped.iter().map(|(_, r)| r.as_str()).collect();
+    (!reasons.is_empty()).then(|| reasons.join(","))
 }
 
 /// Says on the response who served it and why others did not.
@@ -571,14 +555,8 @@ fn label(
         && let Ok(v) = HeaderValue::from_str(&r)
     {
         headers.insert(X_FUKE_FALLBACK, v);
-        let mut from = String::new();
-        for (i, (c, _)) in skipped.iter().enumerate() {
-            if i > 0 {
-                from.push(',');
-            }
-            let _ = write!(from, "{}", c.name);
-        }
-        if let Ok(v) = HeaderValue::from_str(&from) {
+        let from: Vec<&str> = skipped.iter().map(|(c, _)| c.name.as_ref()).collect();
+        if let Ok(v) = HeaderValue::from_str(&from.join(",")) {
             headers.insert(X_FUKE_FALLBACK_FROM, v);
         }
     }
