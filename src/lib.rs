@@ -8,6 +8,7 @@
 //!   -> auth: bearer key -> Principal under one pinned Arc<Policy>      auth, policy
 //!   -> policy: model allowed? rate limit                               app, limits
 //!   -> body: size cap, parse only what we act on, rewrite model        proxy, openai
+//!   -> cache: exact, then semantic, in the tenant's scope --hit--> replay  cache, vectors
 //!   -> route: candidates in order; breakers; first-token deadline       routing
 //!   -> backend: remote OpenAI-compatible server (pooled, rustls),       backends
 //!      or a local GGUF model in-process (llama.cpp, batched)            backends::local, embed
@@ -28,6 +29,8 @@
 //! - [`config`] — `fuke.yaml`.
 //! - [`routing`] — candidates, first-token deadline, circuit breakers, fallback.
 //! - [`backends`] — the backend trait, remote upstreams and local llama.cpp models.
+//! - [`cache`] — the exact and semantic answer cache (moka, per tenant).
+//! - [`vectors`] — exact vector search shared by the cache and the knowledge base.
 //! - [`embed`] — local embeddings (`/v1/embeddings` and the vectors cache and KB use).
 //! - [`limits`] — in-process rate limits.
 //! - [`metering`] — usage events and sinks.
@@ -41,6 +44,7 @@ pub mod app;
 pub mod auth;
 pub mod backends;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod devcerts;
 pub mod embed;
@@ -58,3 +62,4 @@ pub mod sse;
 pub mod telemetry;
 pub mod tls;
 pub mod trace;
+pub mod vectors;

@@ -115,6 +115,7 @@ fn check(config_path: PathBuf) -> ExitCode {
             );
             let backends = Registry {
                 local: LocalModels::configured(&config.local_models),
+                embedder: config.embedder.clone(),
                 ..Registry::default()
             };
             if let Err(p) = fuke::policy::load_dir(&config.policies_dir, 0, &backends) {
@@ -164,6 +165,8 @@ async fn serve_async(
     let mut metrics = Metrics::new();
     metrics.register_collector(local.clone());
     metrics.register_collector(fuke::routing::BoardMetrics(health.clone()));
+    let cache = Arc::new(fuke::cache::Store::default());
+    metrics.register_collector(fuke::cache::StoreMetrics(cache.clone()));
     let tracing_export = match &config.tracing {
         Some(cfg) => {
             let t = fuke::trace::Tracing::start(cfg).map_err(|e| anyhow::anyhow!(e))?;
@@ -177,6 +180,8 @@ async fn serve_async(
     let backends = Arc::new(Registry {
         local,
         health,
+        embedder: config.embedder.clone(),
+        cache,
         ..Registry::default()
     });
     let policy = Arc::new(

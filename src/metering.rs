@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::backends::BoxFuture;
+use crate::cache::CacheUse;
 use crate::openai::{Endpoint, Usage};
 
 /// How a request ended.
@@ -52,6 +53,9 @@ pub struct UsageEvent {
     /// Output chunks the client received (streams): what was delivered when a stream broke
     /// before the upstream reported usage.
     pub streamed_chunks: u32,
+    /// What the answer cache did. On a hit `usage` is zero (no model ran) and the tokens the
+    /// cached answer cost are in `CacheUse::Hit::saved`.
+    pub cache: CacheUse,
 }
 
 /// Receives every usage event. `record` completes once the event is safely stored; the gateway
@@ -103,6 +107,11 @@ struct UsageRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     fallback: Option<&'a str>,
     streamed_chunks: u32,
+    cache: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_similarity: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens_saved: Option<u64>,
 }
 
 impl<W> UsageSink for LogSink<W>
@@ -134,6 +143,15 @@ where
                 outcome: ev.outcome.as_str(),
                 fallback: ev.fallback.as_deref(),
                 streamed_chunks: ev.streamed_chunks,
+                cache: ev.cache.as_str(),
+                cache_similarity: match ev.cache {
+                    CacheUse::Hit { similarity, .. } => Some(similarity),
+                    _ => None,
+                },
+                tokens_saved: match ev.cache {
+                    CacheUse::Hit { saved, .. } => saved.map(|u| u.total_tokens),
+                    _ => None,
+                },
             },
         };
         let mut buf = Vec::with_capacity(384);

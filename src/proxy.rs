@@ -14,11 +14,17 @@ use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::body::{self, Body};
+use crate::cache::{self, CacheUse};
 use crate::error::Error;
-use crate::openai::{Endpoint, JsonRequest, ModelList, ModelObject};
+use crate::metering::Outcome;
+use crate::openai::{Endpoint, JsonRequest, ModelList, ModelObject, Usage};
 use crate::policy::{ModelRoute, Policy, Principal, RouteRefusal, Tenant};
+use crate::relay::{Meter, MeterTrace};
 use crate::routing::{self, Call, Payload};
+use crate::trace;
 use crate::trace::RequestTrace;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanKind, TraceContextExt as _};
 
 /// `GET /v1/models` and `GET /v1/models/{id}`: only the aliases this tenant may use.
 pub fn models(policy: &Policy, tenant: &Tenant, path: &str) -> Result<Response<Body>, Error> {
@@ -96,6 +102,7 @@ pub async fn model_call(
         .get("x-request-id")
         .cloned()
         .unwrap_or_else(|| HeaderValue::from_static("-"));
+    let cache_control = req.headers().get(header::CACHE_CONTROL).cloned();
 
     let limit = if endpoint == Endpoint::AudioTranscriptions {
         app.settings.max_upload_bytes
@@ -130,6 +137,65 @@ pub async fn model_call(
         )
     };
     *model_label = Some(route.alias.clone());
+
+    // The answer cache: chat requests of tenants that have one.
+    let mut cache_use = CacheUse::Off;
+    let mut fill = None;
+    if let (Payload::Json(parsed), Some(settings)) = (&payload, &tenant.cache)
+        && endpoint == Endpoint::ChatCompletions
+    {
+        let span = trace.map(|t| t.child(None, "cache lookup", SpanKind::Internal, Vec::new()));
+        let kb_generation = 0; // no knowledge base feeds answers yet
+        cache_use = match cache::plan(
+            parsed,
+            &tenant.name,
+            &route.alias,
+            kb_generation,
+            settings.sampled,
+            cache_control.as_ref(),
+        ) {
+            Err(reason) => CacheUse::Bypass(reason),
+            Ok(plan) => {
+                let backends = app.policy.backends();
+                match backends
+                    .cache
+                    .lookup(&tenant.name, settings, plan, backends.embedder())
+                    .await
+                {
+                    cache::Lookup::Hit {
+                        entry,
+                        exact,
+                        similarity,
+                    } => {
+                        let used = CacheUse::Hit {
+                            exact,
+                            similarity,
+                            saved: entry.usage,
+                        };
+                        if let Some(cx) = &span {
+                            cx.span().set_attribute(KeyValue::new("fuke.cache", "hit"));
+                            trace::end(cx, None);
+                        }
+                        return Ok(cached_answer(
+                            app, principal, route, endpoint, request_id, started, trace, &entry,
+                            parsed, used,
+                        )
+                        .await);
+                    }
+                    cache::Lookup::Miss(f) => {
+                        fill = Some(f);
+                        CacheUse::Miss
+                    }
+                }
+            }
+        };
+        if let Some(cx) = &span {
+            cx.span()
+                .set_attribute(KeyValue::new("fuke.cache", cache_use.as_str()));
+            trace::end(cx, None);
+        }
+    }
+
     let call = Call {
         app,
         principal,
@@ -140,8 +206,55 @@ pub async fn model_call(
         stream,
         include_usage,
         trace: trace.cloned(),
+        cache: cache_use,
+        fill: std::sync::Mutex::new(fill),
     };
-    routing::serve(call, payload).await
+    let mut resp = routing::serve(call, payload).await?;
+    cache::label(&mut resp, cache_use);
+    Ok(resp)
+}
+
+/// A cache hit: metered (no model ran; the tokens it saved are recorded) before it is answered.
+#[allow(clippy::too_many_arguments)]
+async fn cached_answer(
+    app: &App,
+    principal: &Principal,
+    route: &ModelRoute,
+    endpoint: Endpoint,
+    request_id: HeaderValue,
+    started: Instant,
+    trace: Option<&Arc<RequestTrace>>,
+    entry: &cache::Entry,
+    req: &JsonRequest<'_>,
+    used: CacheUse,
+) -> Response<Body> {
+    let mut resp = cache::replay(entry, req.stream, req.include_usage);
+    let meter = Meter {
+        sink: app.sink.clone(),
+        metrics: app.metrics.clone(),
+        request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
+        tenant: principal.tenant.clone(),
+        key_id: principal.key_id.clone(),
+        endpoint,
+        model_alias: route.alias.clone(),
+        upstream_model: entry.model().to_string(),
+        backend: "cache".to_string(),
+        started,
+        streamed: req.stream,
+        fallback: None,
+        chunks: if req.stream { 3 } else { 0 },
+        permit: None,
+        trace: trace.map(|t| MeterTrace {
+            request: t.clone(),
+            spans: Vec::new(),
+        }),
+        cache: used,
+    };
+    meter
+        .record(Some(Usage::default()), 200, Outcome::Completed)
+        .await;
+    cache::label(&mut resp, used);
+    resp
 }
 
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Error> {

@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, StreamBody};
 
 use crate::backends::BackendResponse;
 use crate::body::{self, Body, BoxError};
+use crate::cache::{CacheUse, Capture, Fill};
 use crate::error::Error;
 use crate::metering::{Outcome, UsageEvent, UsageSink};
 use crate::openai::{Endpoint, Usage, usage_of_response};
@@ -54,6 +55,8 @@ pub struct Meter {
     pub permit: Option<Permit>,
     /// The request's spans, ended when the answer is metered.
     pub trace: Option<MeterTrace>,
+    /// What the answer cache did.
+    pub cache: CacheUse,
 }
 
 /// Spans a meter ends: the request's (its server span ends when the last holder drops it) and
@@ -121,6 +124,7 @@ impl Meter {
             finished_at: SystemTime::now(),
             fallback: self.fallback.clone(),
             streamed_chunks: self.chunks,
+            cache: self.cache,
         }
     }
 
@@ -171,10 +175,12 @@ impl Meter {
 
 /// Turns the backend's answer into the client's response. `strip_usage_chunk`: the client did
 /// not ask for `stream_options.include_usage`.
+/// `fill`: where a complete, successful answer is stored for the cache.
 pub async fn relay(
     answer: BackendResponse,
     meter: Meter,
     strip_usage_chunk: bool,
+    fill: Option<Fill>,
 ) -> Result<Response<Body>, Error> {
     let BackendResponse {
         status,
@@ -199,6 +205,7 @@ pub async fn relay(
             phase: Phase::Streaming,
             meter: Some(meter),
             status: status.as_u16(),
+            capture: fill.map(Capture::new),
         };
         let stream = futures_util::stream::unfold(relay, |mut r| async move {
             r.next().await.map(|item| (item.map(Frame::data), r))
@@ -214,6 +221,9 @@ pub async fn relay(
         meter
             .record(usage, status.as_u16(), Outcome::Completed)
             .await;
+        if let Some(fill) = fill.filter(|_| status.is_success()) {
+            fill.json(bytes.clone());
+        }
         body::full(bytes)
     };
 
@@ -301,6 +311,8 @@ struct SseRelay {
     /// Present until the usage event is recorded.
     meter: Option<Meter>,
     status: u16,
+    /// The frames kept for the cache, when the answer may be stored.
+    capture: Option<Capture>,
 }
 
 impl SseRelay {
@@ -345,6 +357,9 @@ impl SseRelay {
             let Ok(data) = frame.into_data() else {
                 continue; // trailers carry nothing for the client
             };
+            if let Some(c) = &mut self.capture {
+                c.push(&data);
+            }
             if let Err(e) = self.scanner.feed(data, &mut self.queue) {
                 self.fail(&e.to_string()).await;
                 continue;
@@ -355,6 +370,9 @@ impl SseRelay {
                     meter
                         .record(self.scanner.usage(), self.status, Outcome::Completed)
                         .await;
+                }
+                if let Some(c) = &mut self.capture {
+                    c.complete();
                 }
                 if let Some(done) = self.scanner.take_held() {
                     self.queue.push_back(done);
@@ -398,6 +416,7 @@ impl SseRelay {
             detail: detail.to_string(),
         };
         tracing::warn!(error = %error, "stream ended abnormally");
+        self.capture = None;
         if let Some(mut meter) = self.meter.take() {
             meter.chunks = self.scanner.events();
             meter

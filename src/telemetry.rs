@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::cache::CacheUse;
 use crate::metering::UsageEvent;
 
 /// A label value shared by reference count: labelling a request clones no strings.
@@ -58,6 +59,19 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub tenant: Label,
+    pub model: Label,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantModelLabels {
+    pub tenant: Label,
+    pub model: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabel {
     pub endpoint: &'static str,
 }
@@ -99,6 +113,8 @@ pub struct Metrics {
     pub upstream_retries: Family<BackendLabel, Counter>,
     pub overhead: HistogramFamily<EndpointLabel>,
     pub tokens: Family<TokenLabels, Counter>,
+    pub cache_requests: Family<CacheLabels, Counter>,
+    pub cache_saved_tokens: Family<TenantModelLabels, Counter>,
     pub usage_missing: Counter,
     pub policy_reloads: Family<ResultLabels, Counter>,
     pub policy_version: Gauge,
@@ -164,6 +180,18 @@ impl Metrics {
             "Tokens reported by upstreams, by tenant, model alias and kind",
             tokens.clone(),
         );
+        let cache_requests = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Chat requests of tenants with a cache, by result (hit_exact, hit_semantic, miss, bypass)",
+            cache_requests.clone(),
+        );
+        let cache_saved_tokens = Family::<TenantModelLabels, Counter>::default();
+        registry.register(
+            "cache_saved_tokens",
+            "Tokens the cached answers served had cost when they were made",
+            cache_saved_tokens.clone(),
+        );
         let usage_missing = Counter::default();
         registry.register(
             "usage_missing",
@@ -203,6 +231,8 @@ impl Metrics {
             upstream_retries,
             overhead,
             tokens,
+            cache_requests,
+            cache_saved_tokens,
             usage_missing,
             policy_reloads,
             policy_version,
@@ -213,6 +243,33 @@ impl Metrics {
 
     /// Token counters from one usage event (whatever sink stores the event).
     pub fn record_usage(&self, ev: &UsageEvent) {
+        let result = match ev.cache {
+            CacheUse::Off => None,
+            CacheUse::Bypass(_) => Some("bypass"),
+            CacheUse::Miss => Some("miss"),
+            CacheUse::Hit { exact: true, .. } => Some("hit_exact"),
+            CacheUse::Hit { exact: false, .. } => Some("hit_semantic"),
+        };
+        if let Some(result) = result {
+            self.cache_requests
+                .get_or_create(&CacheLabels {
+                    tenant: Label::from(&ev.tenant),
+                    model: Label::from(&ev.model_alias),
+                    result,
+                })
+                .inc();
+        }
+        if let CacheUse::Hit {
+            saved: Some(saved), ..
+        } = ev.cache
+        {
+            self.cache_saved_tokens
+                .get_or_create(&TenantModelLabels {
+                    tenant: Label::from(&ev.tenant),
+                    model: Label::from(&ev.model_alias),
+                })
+                .inc_by(saved.total_tokens);
+        }
         let Some(usage) = ev.usage else {
             if ev.status < 400 {
                 self.usage_missing.inc();

@@ -48,6 +48,19 @@ pub struct Registry {
     pub local: local::LocalModels,
     /// Circuit breakers and in-flight counts per backend + model, kept across reloads.
     pub health: std::sync::Arc<crate::routing::Board>,
+    /// The local embedding model (fuke.yaml `embedder:`) the cache and knowledge base use.
+    pub embedder: Option<String>,
+    /// Every tenant's answer cache, kept across reloads.
+    pub cache: std::sync::Arc<crate::cache::Store>,
+}
+
+impl Registry {
+    /// The configured embedder, if it loaded.
+    pub fn embedder(&self) -> Option<std::sync::Arc<crate::embed::Embedder>> {
+        self.embedder
+            .as_deref()
+            .and_then(|n| self.local.embedder(n))
+    }
 }
 
 pub trait Backend: Send + Sync {

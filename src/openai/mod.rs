@@ -177,6 +177,16 @@ fn missing(param: &str) -> Error {
 // === impl JsonRequest ===
 
 impl<'a> JsonRequest<'a> {
+    /// A top-level field as it arrived (the last occurrence, as JSON parsers agree).
+    pub fn field(&self, key: &str) -> Option<&'a RawValue> {
+        self.get(key)
+    }
+
+    /// Every top-level field in order, duplicates included.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &'a RawValue)> + '_ {
+        self.fields.iter().map(|(k, v)| (k.as_ref(), *v))
+    }
+
     /// The last occurrence of a top-level field (JSON parsers agree that the last one wins).
     fn get(&self, key: &str) -> Option<&'a RawValue> {
         self.fields

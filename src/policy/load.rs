@@ -377,7 +377,7 @@ fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Polic
                 report.add(si, path, "defined in more than one policy file");
                 continue;
             }
-            let tenant = validate_tenant(report, si, name, t, &models, sources);
+            let tenant = validate_tenant(report, si, name, t, &models, sources, backends);
             for (ki, key) in t.keys.iter().enumerate() {
                 let kpath = format!("{path}.keys[{ki}]");
                 if key.id.is_empty() {
@@ -596,6 +596,7 @@ fn validate_tenant(
     t: &RawTenant,
     models: &Map<Arc<str>, ModelRoute>,
     sources: &[Source],
+    backends: &Registry,
 ) -> Tenant {
     let path = format!("tenants.{name}");
     let mut allowed: Vec<Arc<str>> = Vec::new();
@@ -621,11 +622,71 @@ fn validate_tenant(
             "must be at least 1 (leave it out for no limit)",
         );
     }
+    let cache = t
+        .cache
+        .as_ref()
+        .and_then(|c| validate_cache(report, si, &path, c, backends));
     Tenant {
+        cache,
         name: name.into(),
         models: allowed,
         limits: Limits {
             requests_per_minute: t.limits.requests_per_minute.filter(|n| *n > 0),
         },
     }
+}
+
+fn validate_cache(
+    report: &mut Report<'_>,
+    si: usize,
+    tenant_path: &str,
+    c: &crate::policy::raw::RawCache,
+    backends: &Registry,
+) -> Option<crate::cache::Settings> {
+    use crate::cache;
+    let path = format!("{tenant_path}.cache");
+    let mut ok = true;
+    let has_embedder = backends.embedder.is_some();
+    if c.semantic == Some(true) && !has_embedder {
+        report.add(
+            si,
+            format!("{path}.semantic"),
+            "the semantic level needs `embedder:` (a local embedding model) in fuke.yaml",
+        );
+        ok = false;
+    }
+    if let Some(t) = c.threshold
+        && !(t > 0.0 && t <= 1.0)
+    {
+        report.add(
+            si,
+            format!("{path}.threshold"),
+            "must be above 0 and at most 1",
+        );
+        ok = false;
+    }
+    if c.ttl_secs == Some(0) {
+        report.add(si, format!("{path}.ttl_secs"), "must be at least 1");
+        ok = false;
+    }
+    if let Some(b) = c.capacity_bytes
+        && b < 4096
+    {
+        report.add(
+            si,
+            format!("{path}.capacity_bytes"),
+            "must be at least 4096",
+        );
+        ok = false;
+    }
+    (ok && c.enabled != Some(false)).then(|| cache::Settings {
+        semantic: c.semantic.unwrap_or(has_embedder),
+        threshold: c.threshold.unwrap_or(cache::DEFAULT_THRESHOLD),
+        ttl: c
+            .ttl_secs
+            .map_or(cache::DEFAULT_TTL, std::time::Duration::from_secs),
+        capacity_bytes: c.capacity_bytes.unwrap_or(cache::DEFAULT_CAPACITY_BYTES),
+        sampled: c.sampled.unwrap_or(false),
+        semantic_cjk: c.semantic_cjk.unwrap_or(false),
+    })
 }

@@ -31,6 +31,8 @@ pub struct Tenant {
     /// Sorted aliases this tenant may use.
     pub models: Vec<Arc<str>>,
     pub limits: Limits,
+    /// The answer cache's settings; `None`: off.
+    pub cache: Option<crate::cache::Settings>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]

@@ -115,6 +115,28 @@ pub struct RawTenant {
     pub keys: Vec<RawKey>,
     #[serde(default)]
     pub limits: RawLimits,
+    /// The answer cache; off when absent.
+    pub cache: Option<RawCache>,
+}
+
+/// `tenants.NAME.cache`: each setting has a default (BENCHMARKS.md, "Semantic cache").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// Default true: writing the block turns the cache on.
+    pub enabled: Option<bool>,
+    /// Semantic level (default: on when fuke.yaml names an `embedder`).
+    pub semantic: Option<bool>,
+    /// Least cosine similarity for a semantic hit, in (0, 1].
+    pub threshold: Option<f32>,
+    pub ttl_secs: Option<u64>,
+    /// Bytes of answers, questions and vectors kept for the tenant (default 64 MiB).
+    pub capacity_bytes: Option<u64>,
+    /// Also cache answers to sampled requests (temperature absent or above 0). Default false.
+    pub sampled: Option<bool>,
+    /// Semantic matching of Chinese/Japanese/Korean questions (needs a multilingual embedder).
+    /// Default false: they use the exact level only.
+    pub semantic_cjk: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 
 use crate::backends::BackendResponse;
 use crate::body::{self, Body};
+use crate::cache::Fill;
 use crate::error::Error;
 use crate::metering::Outcome;
 use crate::openai::{Endpoint, Usage};
@@ -29,6 +30,7 @@ pub async fn json(
     resp: BackendResponse,
     mut meter: Meter,
     endpoint: Endpoint,
+    fill: Option<Fill>,
 ) -> Result<Response<Body>, Error> {
     let BackendResponse {
         status,
@@ -87,6 +89,9 @@ pub async fn json(
         .await;
     // Reading to the end is done; the connection goes back to the pool.
     let json = answer.finish(endpoint);
+    if let Some(fill) = fill.filter(|_| status.is_success()) {
+        fill.json(json.clone());
+    }
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -95,6 +100,25 @@ pub async fn json(
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     Ok(out)
+}
+
+/// A complete SSE answer, as the frames that were relayed, put together as the JSON answer;
+/// `None` when it did not reach `[DONE]` or carried an error event.
+pub(crate) fn from_frames(frames: &[Bytes], endpoint: Endpoint) -> Option<Bytes> {
+    let mut answer = Answer::default();
+    let mut pending = BytesMut::new();
+    for f in frames {
+        pending.extend_from_slice(f);
+        while let Some((_, next)) = split_event(&pending) {
+            let event = pending.split_to(next);
+            match answer.feed(&event) {
+                Ok(true) => return Some(answer.finish(endpoint)),
+                Ok(false) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+    None
 }
 
 #[derive(Default)]

@@ -6,7 +6,7 @@
 //! sent, the answer is that candidate's to the end; a failure then ends the stream with an
 //! error event, never with a second answer spliced on.
 
-mod assemble;
+pub(crate) mod assemble;
 pub mod breaker;
 mod first_token;
 
@@ -18,6 +18,7 @@ use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use crate::app::App;
 use crate::backends::{Backend, BackendRequest, BackendResponse};
 use crate::body::{self, Body};
+use crate::cache::{CacheUse, Fill};
 use crate::error::Error;
 use crate::metering::Outcome;
 use crate::openai::{Endpoint, JsonRequest};
@@ -179,6 +180,10 @@ pub struct Call<'a> {
     pub include_usage: bool,
     /// The request's spans, when tracing is on.
     pub trace: Option<Arc<RequestTrace>>,
+    /// What the answer cache did (a miss or bypass, here).
+    pub cache: CacheUse,
+    /// Where the served answer goes for the cache: taken by the candidate that answers.
+    pub fill: std::sync::Mutex<Option<Fill>>,
 }
 
 /// Tries the route's candidates until one answers; relays and meters that answer.
@@ -519,6 +524,7 @@ fn meter(
         streamed: call.stream,
         fallback: reasons(skipped).map(Arc::from),
         chunks: 0,
+        cache: call.cache,
         permit,
         trace: match spans {
             Some(s) => Some(MeterTrace {
@@ -596,10 +602,11 @@ async fn commit(
     spans: Option<AttemptSpans>,
 ) -> Result<Response<Body>, Error> {
     let meter = meter(call, Some(cand), Some(permit), skipped, spans);
+    let fill = call.fill.lock().ok().and_then(|mut f| f.take());
     let mut out = if upstream_stream && !call.stream && is_sse(&resp) && resp.status.is_success() {
-        assemble::json(resp, meter, call.endpoint).await?
+        assemble::json(resp, meter, call.endpoint, fill).await?
     } else {
-        relay(resp, meter, call.stream && !call.include_usage).await?
+        relay(resp, meter, call.stream && !call.include_usage, fill).await?
     };
     label(&mut out, Some(cand), skipped);
     Ok(out)

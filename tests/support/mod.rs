@@ -133,6 +133,8 @@ pub struct Options {
     pub local: LocalModels,
     /// OTLP tracing (started by the test).
     pub tracing: Option<Arc<fuke::trace::Tracing>>,
+    /// The local embedding model of `local` the cache uses (fuke.yaml `embedder:`).
+    pub embedder: Option<String>,
 }
 
 impl Default for Options {
@@ -142,6 +144,7 @@ impl Default for Options {
             settings: Settings::default(),
             local: LocalModels::default(),
             tracing: None,
+            embedder: None,
         }
     }
 }
@@ -160,6 +163,8 @@ impl Gateway {
         let mut metrics = Metrics::new();
         metrics.register_collector(opts.local.clone());
         metrics.register_collector(fuke::routing::BoardMetrics(health.clone()));
+        let cache = Arc::new(fuke::cache::Store::default());
+        metrics.register_collector(fuke::cache::StoreMetrics(cache.clone()));
         if let Some(t) = &opts.tracing {
             metrics.register_collector(t.metrics());
         }
@@ -169,6 +174,8 @@ impl Gateway {
             Arc::new(Registry {
                 local: opts.local,
                 health,
+                embedder: opts.embedder,
+                cache,
                 ..Registry::default()
             }),
         )

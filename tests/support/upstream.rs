@@ -247,17 +247,31 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body
     if model == "slow" {
         answer = vec!["tick"; 150].join(" ");
     }
+    // `max_tokens` (one token per word here) cuts the answer short, as models do.
+    let mut finish_reason = "stop";
+    if let Some(n) = v["max_tokens"]
+        .as_u64()
+        .or(v["max_completion_tokens"].as_u64())
+        && words(&answer) > n
+    {
+        answer = answer
+            .split(' ')
+            .take(n as usize)
+            .collect::<Vec<_>>()
+            .join(" ");
+        finish_reason = "length";
+    }
     let usage = json!({"prompt_tokens": words(&prompt), "completion_tokens": words(&answer),
         "total_tokens": words(&prompt) + words(&answer)});
 
     if v["stream"] != Value::Bool(true) {
         let body = if chat {
             json!({"id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish_reason}],
                 "usage": usage})
         } else {
             json!({"id": "cmpl-test", "object": "text_completion", "created": 1, "model": model,
-                "choices": [{"index": 0, "text": answer, "finish_reason": "stop"}], "usage": usage})
+                "choices": [{"index": 0, "text": answer, "finish_reason": finish_reason}], "usage": usage})
         };
         let bytes = Bytes::from(body.to_string());
         *st.last_json.lock().unwrap() = bytes.clone();
@@ -286,6 +300,12 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body
         };
         events.push(ev);
     }
+    // The closing chunk: an empty delta with the finish reason.
+    events.push(if chat {
+        format!("data: {{\"id\":\"chatcmpl-test\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"{finish_reason}\"}}]{usage_null}}}\n\n")
+    } else {
+        format!("data: {{\"id\":\"cmpl-test\",\"object\":\"text_completion\",\"created\":1,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"text\":\"\",\"finish_reason\":\"{finish_reason}\"}}]{usage_null}}}\n\n")
+    });
     if include_usage {
         events.push(format!("data: {{\"id\":\"chatcmpl-test\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\",\"choices\":[],\"usage\":{usage}}}\n\n"));
     }

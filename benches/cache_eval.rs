@@ -1,0 +1,298 @@
+//! Semantic cache evaluation: how often a paraphrase hits and how often a near-miss (same words,
+//! different intent) is wrongly answered, for a sweep of thresholds, with the real embedder
+//! (all-MiniLM-L6-v2 through llama.cpp) and the cache's own guards and vector search.
+//!
+//!   cargo run --release --example cache_eval [-- --model models/all-MiniLM-L6-v2.gguf]
+//!
+//! Data: `benches/cache_eval/pairs_{en,zh}.jsonl`, one pair per line: `a` (the cached question),
+//! `b` (the new one), `kind` = paraphrase (must hit) or near_miss (must not).
+//!
+//! Two measures per threshold and language:
+//! - *pairs*: b against its own a only (the definition);
+//! - *index*: every `a` of the file is cached in one scope, and each `b` is looked up against
+//!   all of them the way the cache does (top 4 above the threshold, first that passes the
+//!   guards). A paraphrase counts as a hit only if it found its own `a`; finding another `a` is
+//!   a wrong answer. A near-miss finding any `a` is a false hit.
+//!
+//! Then a simulated workload: questions drawn with Zipf-distributed popularity over all intents
+//! in the files, each asked in one of its phrasings; the share of model calls the cache saves and
+//! the share of answers that were wrong.
+
+use std::path::PathBuf;
+
+use fuke::backends::local::{LocalKind, LocalModelConfig, LocalModels};
+use fuke::cache::guard;
+use fuke::cache::key::normalize;
+use fuke::vectors::FlatIndex;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Pair {
+    id: String,
+    kind: String,
+    a: String,
+    b: String,
+}
+
+struct Set {
+    lang: &'static str,
+    pairs: Vec<Pair>,
+    va: Vec<Vec<f32>>,
+    vb: Vec<Vec<f32>>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    para: usize,
+    para_hit: usize,
+    para_wrong: usize,
+    near: usize,
+    near_hit: usize,
+}
+
+impl Counts {
+    fn rate(n: usize, d: usize) -> f64 {
+        if d == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / d as f64
+        }
+    }
+}
+
+/// The cache's semantic lookup over `index` (ids are indexes into `questions`).
+fn lookup(
+    index: &FlatIndex,
+    questions: &[String],
+    v: &[f32],
+    q: &str,
+    t: f32,
+    guards: bool,
+) -> Option<usize> {
+    index
+        .search(v, 4, t)
+        .into_iter()
+        .map(|(id, _)| id as usize)
+        .find(|&i| !guards || guard::agree(&questions[i], q))
+}
+
+fn evaluate(set: &Set, t: f32, guards: bool) -> (Counts, Counts) {
+    let (mut pairs, mut idx) = (Counts::default(), Counts::default());
+    let mut index = FlatIndex::new(set.va[0].len());
+    let questions: Vec<String> = set.pairs.iter().map(|p| normalize(&p.a)).collect();
+    for (i, v) in set.va.iter().enumerate() {
+        index.insert(i as u64, v);
+    }
+    for (i, p) in set.pairs.iter().enumerate() {
+        let nb = normalize(&p.b);
+        let sim = fuke::vectors::dot(&set.va[i], &set.vb[i]);
+        let pair_hit = sim >= t && (!guards || guard::agree(&questions[i], &nb));
+        let found = lookup(&index, &questions, &set.vb[i], &nb, t, guards);
+        if p.kind == "paraphrase" {
+            pairs.para += 1;
+            idx.para += 1;
+            pairs.para_hit += usize::from(pair_hit);
+            match found {
+                Some(j) if j == i => idx.para_hit += 1,
+                Some(_) => idx.para_wrong += 1,
+                None => {}
+            }
+        } else {
+            pairs.near += 1;
+            idx.near += 1;
+            pairs.near_hit += usize::from(pair_hit);
+            idx.near_hit += usize::from(found.is_some());
+        }
+    }
+    (pairs, idx)
+}
+
+/// A small deterministic generator (xorshift64*), so the workload is the same every run.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Zipf(s) workload over every intent of all sets: each `a` is an intent (asked as `a`, or as
+/// `b` when the pair is a paraphrase), each near-miss `b` is an intent of its own.
+fn workload(sets: &[Set], t: f32, requests: usize, s: f64) -> (f64, f64) {
+    struct Intent<'a> {
+        phrasings: Vec<(&'a str, &'a [f32])>,
+    }
+    let mut intents: Vec<Intent> = Vec::new();
+    for set in sets {
+        for (i, p) in set.pairs.iter().enumerate() {
+            let mut phrasings = vec![(p.a.as_str(), set.va[i].as_slice())];
+            if p.kind == "paraphrase" {
+                phrasings.push((p.b.as_str(), set.vb[i].as_slice()));
+            } else {
+                intents.push(Intent {
+                    phrasings: vec![(p.b.as_str(), set.vb[i].as_slice())],
+                });
+            }
+            intents.push(Intent { phrasings });
+        }
+    }
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    // Popularity ranks in a shuffled order.
+    for i in (1..intents.len()).rev() {
+        let j = (rng.next() % (i as u64 + 1)) as usize;
+        intents.swap(i, j);
+    }
+    let weights: Vec<f64> = (1..=intents.len())
+        .map(|r| 1.0 / (r as f64).powf(s))
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let dims = sets[0].va[0].len();
+    let mut index = FlatIndex::new(dims);
+    let mut cached: Vec<(usize, String)> = Vec::new(); // (intent, normalized question)
+    let mut exact: std::collections::HashMap<String, usize> = Default::default();
+    let (mut hits, mut wrong) = (0usize, 0usize);
+    for _ in 0..requests {
+        let mut x = rng.unit() * total;
+        let mut intent = intents.len() - 1;
+        for (i, w) in weights.iter().enumerate() {
+            if x < *w {
+                intent = i;
+                break;
+            }
+            x -= w;
+        }
+        let ph = &intents[intent].phrasings;
+        let (text, v) = ph[(rng.next() % ph.len() as u64) as usize];
+        let q = normalize(text);
+        let found = exact.get(&q).copied().or_else(|| {
+            let questions: Vec<String> = cached.iter().map(|c| c.1.clone()).collect();
+            lookup(&index, &questions, v, &q, t, true)
+        });
+        match found {
+            Some(j) => {
+                hits += 1;
+                if cached[j].0 != intent {
+                    wrong += 1;
+                }
+            }
+            None => {
+                let id = cached.len();
+                cached.push((intent, q.clone()));
+                exact.insert(q, id);
+                index.insert(id as u64, v);
+            }
+        }
+    }
+    (
+        100.0 * hits as f64 / requests as f64,
+        100.0 * wrong as f64 / requests as f64,
+    )
+}
+
+fn load(path: &PathBuf) -> Vec<Pair> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let args: Vec<String> = std::env::args().collect();
+    let model = args
+        .iter()
+        .position(|a| a == "--model")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("models/all-MiniLM-L6-v2.gguf"));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let models = LocalModels::load(&[LocalModelConfig {
+        threads,
+        ..LocalModelConfig::defaults("embed", model.clone(), LocalKind::Embedding)
+    }]);
+    let embedder = models.embedder("embed").expect("embedding model loads");
+    println!("model: {}", model.display());
+
+    let mut sets = Vec::new();
+    for lang in ["en", "zh"] {
+        let pairs = load(&root.join(format!("benches/cache_eval/pairs_{lang}.jsonl")));
+        let mut va = Vec::new();
+        let mut vb = Vec::new();
+        for chunk in pairs.chunks(32) {
+            let a: Vec<&str> = chunk.iter().map(|p| p.a.as_str()).collect();
+            let b: Vec<&str> = chunk.iter().map(|p| p.b.as_str()).collect();
+            va.extend(embedder.embed(&a).await.expect("embeds"));
+            vb.extend(embedder.embed(&b).await.expect("embeds"));
+        }
+        sets.push(Set {
+            lang,
+            pairs,
+            va,
+            vb,
+        });
+    }
+
+    println!(
+        "\n| lang | threshold | guards | paraphrase hit (pairs) | near-miss false hit (pairs) | paraphrase hit (index) | wrong answer (index) | near-miss false hit (index) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let thresholds: Vec<f32> = (0..=14).map(|i| 0.70 + 0.02 * i as f32).collect();
+    for set in &sets {
+        for guards in [false, true] {
+            for &t in &thresholds {
+                let (p, x) = evaluate(set, t, guards);
+                println!(
+                    "| {} | {:.2} | {} | {:.1}% ({}/{}) | {:.1}% ({}/{}) | {:.1}% | {:.1}% | {:.1}% |",
+                    set.lang,
+                    t,
+                    if guards { "on" } else { "off" },
+                    Counts::rate(p.para_hit, p.para),
+                    p.para_hit,
+                    p.para,
+                    Counts::rate(p.near_hit, p.near),
+                    p.near_hit,
+                    p.near,
+                    Counts::rate(x.para_hit, x.para),
+                    Counts::rate(x.para_wrong, x.para),
+                    Counts::rate(x.near_hit, x.near),
+                );
+            }
+        }
+    }
+
+    if args.iter().any(|a| a == "--misses") {
+        let t = fuke::cache::DEFAULT_THRESHOLD;
+        for set in &sets {
+            for (i, p) in set.pairs.iter().enumerate() {
+                let sim = fuke::vectors::dot(&set.va[i], &set.vb[i]);
+                let agree = guard::agree(&normalize(&p.a), &normalize(&p.b));
+                let hit = sim >= t && agree;
+                if (p.kind == "paraphrase") != hit {
+                    println!(
+                        "{} {} {:.3} guards={} | {} | {}",
+                        p.id, p.kind, sim, agree, p.a, p.b
+                    );
+                }
+            }
+        }
+    }
+
+    println!(
+        "\nSimulated workload (Zipf popularity over all intents, 20,000 requests, guards on):"
+    );
+    println!("| zipf s | threshold | model calls saved | wrong answers |");
+    println!("|---|---|---|---|");
+    for s in [0.8, 1.0, 1.2] {
+        for t in [0.86f32, 0.90, 0.94] {
+            let (saved, wrong) = workload(&sets, t, 20_000, s);
+            println!("| {s} | {t:.2} | {saved:.1}% | {wrong:.2}% |");
+        }
+    }
+}
