@@ -34,6 +34,15 @@ struct Pair {
     b: String,
 }
 
+/// A row of the external set (`fow-cache` on PyPI, `fow_cache/data/pairs.jsonl`, CC BY 4.0).
+#[derive(Deserialize)]
+struct FowRow {
+    category: String,
+    a: String,
+    b: String,
+    same_answer: bool,
+}
+
 struct Set {
     lang: &'static str,
     pairs: Vec<Pair>,
@@ -192,6 +201,72 @@ fn workload(sets: &[Set], t: f32, requests: usize, s: f64) -> (f64, f64) {
         100.0 * hits as f64 / requests as f64,
         100.0 * wrong as f64 / requests as f64,
     )
+}
+
+/// The external set, pairs measure only (its `a` questions repeat across rows), per category.
+async fn external(embedder: &fuke::embed::Embedder, path: &PathBuf) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let rows: Vec<FowRow> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let mut sims = Vec::new();
+    for chunk in rows.chunks(32) {
+        let a: Vec<&str> = chunk.iter().map(|r| r.a.as_str()).collect();
+        let b: Vec<&str> = chunk.iter().map(|r| r.b.as_str()).collect();
+        let va = embedder.embed(&a).await.expect("embeds");
+        let vb = embedder.embed(&b).await.expect("embeds");
+        sims.extend(va.iter().zip(&vb).map(|(x, y)| fuke::vectors::dot(x, y)));
+    }
+    let mut categories: Vec<&str> = rows.iter().map(|r| r.category.as_str()).collect();
+    categories.sort();
+    categories.dedup();
+    println!(
+        "\nExternal set: {} ({} pairs), share of pairs served from the cache",
+        path.display(),
+        rows.len()
+    );
+    print!("| threshold | guards |");
+    for c in &categories {
+        let same = rows
+            .iter()
+            .find(|r| r.category == *c)
+            .is_some_and(|r| r.same_answer);
+        print!(" {c} ({}) |", if same { "should hit" } else { "must not" });
+    }
+    println!(" all should-hit | all must-not |");
+    println!("|---|---|{}---|---|", "---|".repeat(categories.len()));
+    for guards in [false, true] {
+        for i in 0..=14 {
+            let t = 0.70 + 0.02 * i as f32;
+            print!("| {t:.2} | {} |", if guards { "on" } else { "off" });
+            let hit = |r: &FowRow, s: f32| {
+                s >= t && (!guards || guard::agree(&normalize(&r.a), &normalize(&r.b)))
+            };
+            for c in &categories {
+                let (n, h) = rows
+                    .iter()
+                    .zip(&sims)
+                    .filter(|(r, _)| r.category == *c)
+                    .fold((0, 0), |(n, h), (r, s)| {
+                        (n + 1, h + usize::from(hit(r, *s)))
+                    });
+                print!(" {:.1}% |", Counts::rate(h, n));
+            }
+            for same in [true, false] {
+                let (n, h) = rows
+                    .iter()
+                    .zip(&sims)
+                    .filter(|(r, _)| r.same_answer == same)
+                    .fold((0, 0), |(n, h), (r, s)| {
+                        (n + 1, h + usize::from(hit(r, *s)))
+                    });
+                print!(" {:.1}% ({h}/{n}) |", Counts::rate(h, n));
+            }
+            println!();
+        }
+    }
 }
 
 fn load(path: &PathBuf) -> Vec<Pair> {
