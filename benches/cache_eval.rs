@@ -14,9 +14,8 @@
 //!   guards). A paraphrase counts as a hit only if it found its own `a`; finding another `a` is
 //!   a wrong answer. A near-miss finding any `a` is a false hit.
 //!
-//! Then a simulated workload: questions drawn with Zipf-distributed popularity over all intents
-//! in the files, each asked in one of its phrasings; the share of model calls the cache saves and
-//! the share of answers that were wrong.
+//! With `--external PATH`: the `fow-cache` pairs (benches/cache_eval.sh fetches them), pairs
+//! measure per category.
 
 use std::path::PathBuf;
 
@@ -114,93 +113,6 @@ fn evaluate(set: &Set, t: f32, guards: bool) -> (Counts, Counts) {
         }
     }
     (pairs, idx)
-}
-
-/// A small deterministic generator (xorshift64*), so the workload is the same every run.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// Zipf(s) workload over every intent of all sets: each `a` is an intent (asked as `a`, or as
-/// `b` when the pair is a paraphrase), each near-miss `b` is an intent of its own.
-fn workload(sets: &[Set], t: f32, requests: usize, s: f64) -> (f64, f64) {
-    struct Intent<'a> {
-        phrasings: Vec<(&'a str, &'a [f32])>,
-    }
-    let mut intents: Vec<Intent> = Vec::new();
-    for set in sets {
-        for (i, p) in set.pairs.iter().enumerate() {
-            let mut phrasings = vec![(p.a.as_str(), set.va[i].as_slice())];
-            if p.kind == "paraphrase" {
-                phrasings.push((p.b.as_str(), set.vb[i].as_slice()));
-            } else {
-                intents.push(Intent {
-                    phrasings: vec![(p.b.as_str(), set.vb[i].as_slice())],
-                });
-            }
-            intents.push(Intent { phrasings });
-        }
-    }
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    // Popularity ranks in a shuffled order.
-    for i in (1..intents.len()).rev() {
-        let j = (rng.next() % (i as u64 + 1)) as usize;
-        intents.swap(i, j);
-    }
-    let weights: Vec<f64> = (1..=intents.len())
-        .map(|r| 1.0 / (r as f64).powf(s))
-        .collect();
-    let total: f64 = weights.iter().sum();
-    let dims = sets[0].va[0].len();
-    let mut index = FlatIndex::new(dims);
-    let mut cached: Vec<(usize, String)> = Vec::new(); // (intent, normalized question)
-    let mut exact: std::collections::HashMap<String, usize> = Default::default();
-    let (mut hits, mut wrong) = (0usize, 0usize);
-    for _ in 0..requests {
-        let mut x = rng.unit() * total;
-        let mut intent = intents.len() - 1;
-        for (i, w) in weights.iter().enumerate() {
-            if x < *w {
-                intent = i;
-                break;
-            }
-            x -= w;
-        }
-        let ph = &intents[intent].phrasings;
-        let (text, v) = ph[(rng.next() % ph.len() as u64) as usize];
-        let q = normalize(text);
-        let found = exact.get(&q).copied().or_else(|| {
-            let questions: Vec<String> = cached.iter().map(|c| c.1.clone()).collect();
-            lookup(&index, &questions, v, &q, t, true)
-        });
-        match found {
-            Some(j) => {
-                hits += 1;
-                if cached[j].0 != intent {
-                    wrong += 1;
-                }
-            }
-            None => {
-                let id = cached.len();
-                cached.push((intent, q.clone()));
-                exact.insert(q, id);
-                index.insert(id as u64, v);
-            }
-        }
-    }
-    (
-        100.0 * hits as f64 / requests as f64,
-        100.0 * wrong as f64 / requests as f64,
-    )
 }
 
 /// The external set, pairs measure only (its `a` questions repeat across rows), per category.
@@ -359,15 +271,11 @@ async fn main() {
         }
     }
 
-    println!(
-        "\nSimulated workload (Zipf popularity over all intents, 20,000 requests, guards on):"
-    );
-    println!("| zipf s | threshold | model calls saved | wrong answers |");
-    println!("|---|---|---|---|");
-    for s in [0.8, 1.0, 1.2] {
-        for t in [0.86f32, 0.90, 0.94] {
-            let (saved, wrong) = workload(&sets, t, 20_000, s);
-            println!("| {s} | {t:.2} | {saved:.1}% | {wrong:.2}% |");
-        }
+    if let Some(path) = args
+        .iter()
+        .position(|a| a == "--external")
+        .and_then(|i| args.get(i + 1))
+    {
+        external(&embedder, &PathBuf::from(path)).await;
     }
 }

@@ -165,7 +165,10 @@ async fn serve_async(
     let mut metrics = Metrics::new();
     metrics.register_collector(local.clone());
     metrics.register_collector(fuke::routing::BoardMetrics(health.clone()));
-    let cache = Arc::new(fuke::cache::Store::default());
+    let cache = Arc::new(match &config.cache_l2 {
+        Some(l2) => fuke::cache::Store::with_l2(l2).map_err(|e| anyhow::anyhow!(e))?,
+        None => fuke::cache::Store::default(),
+    });
     metrics.register_collector(fuke::cache::StoreMetrics(cache.clone()));
     let tracing_export = match &config.tracing {
         Some(cfg) => {

@@ -511,3 +511,144 @@ async fn a_semantic_cache_needs_an_embedder() {
         "{err}"
     );
 }
+
+async fn with_l2(up: &Upstream, prefix: &str, url: &str) -> Gateway {
+    Gateway::start_with(
+        &policy(&up.base_url()),
+        Options {
+            local: MODELS.clone(),
+            embedder: Some("minilm".into()),
+            cache_l2: Some(fuke::cache::L2Config {
+                url: url.into(),
+                prefix: prefix.into(),
+            }),
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+async fn redis_keys(prefix: &str) -> Vec<String> {
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis on 127.0.0.1:6379");
+    redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+/// Two replicas sharing the machine's Redis: an answer one stored is an exact hit on the other.
+#[tokio::test]
+async fn replicas_share_exact_answers_through_redis() {
+    let prefix = format!("fuke-test-{}:", hex::encode(rand::random::<[u8; 6]>()));
+    let up = Upstream::start().await;
+    let a = with_l2(&up, &prefix, "redis://127.0.0.1:6379").await;
+    let b = with_l2(&up, &prefix, "redis://127.0.0.1:6379").await;
+    for gw in [&a, &b] {
+        let store = gw.app.policy.backends().cache.clone();
+        eventually("Redis connected", || {
+            let store = store.clone();
+            async move { store.l2_connected() }
+        })
+        .await;
+    }
+    let client = client();
+    let body = chat("Which payment methods do you accept?");
+    let ask = |gw: &Gateway| {
+        let url = gw.url("/v1/chat/completions");
+        let (client, body) = (&client, body.clone());
+        async move {
+            send(
+                client,
+                Method::POST,
+                &url,
+                Some(KEY_ACME),
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await
+        }
+    };
+    let first = ask(&a).await;
+    assert_eq!(cache_header(&first), "miss");
+    let p = prefix.clone();
+    eventually("the answer reached Redis", || {
+        let p = p.clone();
+        async move { redis_keys(&p).await.len() == 1 }
+    })
+    .await;
+    let key = &redis_keys(&prefix).await[0];
+    assert!(key.starts_with(&format!("{prefix}acme:")), "{key}");
+
+    let second = ask(&b).await;
+    assert_eq!(
+        cache_header(&second),
+        "hit",
+        "replica b did not see a's answer"
+    );
+    assert_eq!(content(&second), content(&first));
+    assert_eq!(up.count("echo-model"), 1);
+    assert!(matches!(
+        b.usage_of(&second).await.cache,
+        CacheUse::Hit { exact: true, .. }
+    ));
+    // Tenants stay apart in Redis too.
+    let other = send(
+        &client,
+        Method::POST,
+        &b.url("/v1/chat/completions"),
+        Some(KEY_GLOBEX),
+        &[("content-type", "application/json")],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(cache_header(&other), "miss");
+    assert_eq!(up.count("echo-model"), 2);
+
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    for k in redis_keys(&prefix).await {
+        let _: () = redis::cmd("DEL").arg(k).query_async(&mut c).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_makes_misses_not_errors() {
+    let up = Upstream::start().await;
+    // Nothing listens on port 1.
+    let gw = with_l2(&up, "fuke-test-down:", "redis://127.0.0.1:1").await;
+    let client = client();
+    let body = chat("Do you price match?");
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let r = send(
+            &client,
+            Method::POST,
+            &gw.url("/v1/chat/completions"),
+            Some(KEY_ACME),
+            &[("content-type", "application/json")],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        seen.push(cache_header(&r).to_string());
+        let store = gw.app.policy.backends().cache.clone();
+        eventually("filled locally", || {
+            let store = store.clone();
+            async move {
+                store
+                    .entry_counts()
+                    .iter()
+                    .any(|(t, n, _)| t.as_ref() == "acme" && *n == 1)
+            }
+        })
+        .await;
+    }
+    // The local level still works.
+    assert_eq!(seen, ["miss", "hit"]);
+    assert_eq!(up.count("echo-model"), 1);
+}

@@ -14,6 +14,7 @@
 
 pub mod guard;
 pub mod key;
+pub mod l2;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +37,7 @@ use crate::openai::{Endpoint, Usage};
 use crate::vectors::FlatIndex;
 
 pub use key::{Bypass, Plan, plan};
+pub use l2::{L2, L2Config};
 
 pub const X_FUKE_CACHE: &str = "x-fuke-cache";
 pub const X_FUKE_CACHE_SIMILARITY: &str = "x-fuke-cache-similarity";
@@ -166,7 +168,7 @@ impl TenantCache {
         }
     }
 
-    fn insert(&self, key: Key, entry: Entry, vector: Option<&[f32]>) {
+    fn insert(&self, key: Key, entry: Entry, vector: Option<&[f32]>) -> Arc<Entry> {
         let id = entry.id;
         let entry = Arc::new(entry);
         if let Some(v) = vector {
@@ -180,7 +182,8 @@ impl TenantCache {
                 scope.keys.insert(id, key);
             }
         }
-        self.entries.insert(key, entry);
+        self.entries.insert(key, entry.clone());
+        entry
     }
 
     /// Semantic candidates in `scope`, best first.
@@ -202,6 +205,8 @@ impl TenantCache {
 #[derive(Default)]
 pub struct Store {
     tenants: RwLock<HashMap<Arc<str>, Arc<TenantCache>>>,
+    /// The Redis second level of the exact cache, when configured.
+    l2: Option<Arc<L2>>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -218,6 +223,19 @@ pub enum Lookup {
 }
 
 impl Store {
+    /// A store whose exact level is backed by Redis (shared by replicas). Needs a Tokio runtime.
+    pub fn with_l2(cfg: &L2Config) -> Result<Store, String> {
+        Ok(Store {
+            tenants: RwLock::default(),
+            l2: Some(Arc::new(L2::start(cfg)?)),
+        })
+    }
+
+    /// Whether the Redis second level is configured and connected.
+    pub fn l2_connected(&self) -> bool {
+        self.l2.as_ref().is_some_and(|l| l.connected())
+    }
+
     fn tenant(&self, name: &Arc<str>, s: &Settings) -> Arc<TenantCache> {
         if let Some(t) = self
             .tenants
@@ -262,6 +280,35 @@ impl Store {
                 similarity: 1.0,
             };
         }
+        let l2 = self.l2.as_ref().map(|l2| {
+            (
+                l2.clone(),
+                l2.key(tenant, &key.scope, &key.exact),
+                settings.ttl,
+            )
+        });
+        if plan.lookup
+            && let Some((l2, l2_key, _)) = &l2
+            && let Some(stored) = l2.get(l2_key).await
+        {
+            // Another replica's answer: kept here too (exact level only: no vector).
+            let mut entry = Entry {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                question: stored.question,
+                model: stored.model,
+                message: stored.message,
+                system_fingerprint: stored.system_fingerprint,
+                usage: stored.usage,
+                weight: 0,
+            };
+            entry.weight = weight(&entry, None);
+            let entry = cache.insert(key, entry, None);
+            return Lookup::Hit {
+                entry,
+                exact: true,
+                similarity: 1.0,
+            };
+        }
         let semantic = settings.semantic
             && plan
                 .question
@@ -299,6 +346,7 @@ impl Store {
         }
         Lookup::Miss(Fill {
             cache,
+            l2,
             key,
             question: plan.question,
             normalized: plan.normalized,
@@ -371,6 +419,8 @@ impl Collector for StoreMetrics {
 /// Stores the answer of a missed request once it is complete.
 pub struct Fill {
     cache: Arc<TenantCache>,
+    /// The second level, the entry's key there, and its TTL.
+    l2: Option<(Arc<L2>, String, Duration)>,
     key: Key,
     question: Option<String>,
     normalized: Option<String>,
@@ -409,7 +459,18 @@ impl Fill {
         }
         entry.question = self.normalized;
         entry.weight = weight(&entry, vector.as_deref());
-        self.cache.insert(self.key, entry, vector.as_deref());
+        let entry = self.cache.insert(self.key, entry, vector.as_deref());
+        if let Some((l2, key, ttl)) = self.l2 {
+            let stored = l2::Stored {
+                v: 1,
+                model: entry.model.clone(),
+                message: entry.message.clone(),
+                system_fingerprint: entry.system_fingerprint.clone(),
+                usage: entry.usage,
+                question: entry.question.clone(),
+            };
+            l2.set(key, &stored, ttl).await;
+        }
     }
 }
 

@@ -31,6 +31,17 @@ struct RawConfig {
     embedder: Option<String>,
     /// OpenTelemetry export (OTLP); the `OTEL_*` variables work without it.
     tracing: Option<crate::trace::RawTracing>,
+    /// The answer cache's shared second level.
+    cache: Option<RawCacheConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCacheConfig {
+    /// `redis://host:port[/db]`: the exact level is also kept in Redis, shared by replicas.
+    redis_url: Option<String>,
+    /// Key prefix in Redis (default `fuke:cache:`).
+    redis_prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +111,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub local_models: Vec<LocalModelConfig>,
     pub embedder: Option<String>,
+    /// The answer cache's Redis second level, when configured.
+    pub cache_l2: Option<crate::cache::L2Config>,
     /// OTLP tracing, from `tracing:` and the `OTEL_*` variables; `None` when off.
     pub tracing: Option<crate::trace::TraceConfig>,
     /// The file, and the line of each local model's `path`, for `fuke check`'s reports.
@@ -275,8 +288,35 @@ impl Config {
                 ),
             }
         }
+        let cache_l2 = match raw.cache.as_ref().and_then(|c| c.redis_url.as_ref()) {
+            None => None,
+            Some(url) if url.starts_with("redis://") || url.starts_with("unix://") => {
+                match redis::Client::open(url.as_str()) {
+                    Ok(_) => Some(crate::cache::L2Config {
+                        url: url.clone(),
+                        prefix: raw
+                            .cache
+                            .as_ref()
+                            .and_then(|c| c.redis_prefix.clone())
+                            .unwrap_or_else(|| "fuke:cache:".into()),
+                    }),
+                    Err(e) => {
+                        add("cache.redis_url".into(), format!("not a Redis URL: {e}"));
+                        None
+                    }
+                }
+            }
+            Some(_) => {
+                add(
+                    "cache.redis_url".into(),
+                    "must be a redis:// (or unix://) URL".into(),
+                );
+                None
+            }
+        };
         if problems.is_empty() {
             Ok(Config {
+                cache_l2,
                 local_models,
                 embedder: raw.embedder,
                 tracing,

@@ -135,6 +135,8 @@ pub struct Options {
     pub tracing: Option<Arc<fuke::trace::Tracing>>,
     /// The local embedding model of `local` the cache uses (fuke.yaml `embedder:`).
     pub embedder: Option<String>,
+    /// The answer cache's Redis second level.
+    pub cache_l2: Option<fuke::cache::L2Config>,
 }
 
 impl Default for Options {
@@ -145,6 +147,7 @@ impl Default for Options {
             local: LocalModels::default(),
             tracing: None,
             embedder: None,
+            cache_l2: None,
         }
     }
 }
@@ -163,7 +166,10 @@ impl Gateway {
         let mut metrics = Metrics::new();
         metrics.register_collector(opts.local.clone());
         metrics.register_collector(fuke::routing::BoardMetrics(health.clone()));
-        let cache = Arc::new(fuke::cache::Store::default());
+        let cache = Arc::new(match &opts.cache_l2 {
+            Some(l2) => fuke::cache::Store::with_l2(l2).unwrap(),
+            None => fuke::cache::Store::default(),
+        });
         metrics.register_collector(fuke::cache::StoreMetrics(cache.clone()));
         if let Some(t) = &opts.tracing {
             metrics.register_collector(t.metrics());
