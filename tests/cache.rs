@@ -196,6 +196,7 @@ async fn exact_hit_replays_the_answer_with_a_fresh_id_and_meters_a_hit() {
         .await;
     assert_eq!(cache_header(&second), "hit");
     assert_eq!(second.headers["x-fuke-cache-similarity"], "1.0000");
+    assert!(second.headers.contains_key("x-fuke-overhead-ms"));
     assert_eq!(env.calls(), 1, "the hit must not reach the upstream");
     let (a, b) = (first.json(), second.json());
     assert_eq!(content(&second), "echo: Where is my parcel?");

@@ -331,6 +331,58 @@ fn check_reports_bad_tracing_settings() {
 }
 
 #[test]
+fn check_reports_a_bad_cache_redis_url_and_cache_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).unwrap();
+    std::fs::write(
+        p.join("policies/a.yaml"),
+        "tenants:\n  t:\n    cache: { ttl_secs: 0, capacity_bytes: 10, colour: red }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("fuke.yaml"),
+        "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\ncache:\n  redis_url: http://127.0.0.1:6379\n",
+    )
+    .unwrap();
+    let out = check(p);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let y = p.join("fuke.yaml").display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{y}:5: cache.redis_url: must be a redis:// (or unix://) URL"
+        )),
+        "{err}"
+    );
+    // The policy is reported too once the config is valid.
+    std::fs::write(
+        p.join("fuke.yaml"),
+        "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\ncache:\n  redis_url: redis://127.0.0.1:6379\n",
+    )
+    .unwrap();
+    let err = String::from_utf8(check(p).stderr).unwrap();
+    assert!(
+        err.contains("tenants.t.cache.colour: unknown field `colour`"),
+        "{err}"
+    );
+    std::fs::write(
+        p.join("policies/a.yaml"),
+        "tenants:\n  t:\n    cache: { ttl_secs: 0, capacity_bytes: 10 }\n",
+    )
+    .unwrap();
+    let err = String::from_utf8(check(p).stderr).unwrap();
+    assert!(
+        err.contains("a.yaml:3: tenants.t.cache.ttl_secs: must be at least 1"),
+        "{err}"
+    );
+    assert!(
+        err.contains("a.yaml:3: tenants.t.cache.capacity_bytes: must be at least 4096"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_reports_local_model_files_and_references() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();

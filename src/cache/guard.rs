@@ -41,43 +41,118 @@ const EN_STOPWORDS: &[&str] = &[
     "a", "an", "the", "i", "im", "ive", "id", "me", "my", "mine", "we", "our", "us", "you", "your",
     "it", "its", "is", "are", "was", "were", "be", "been", "am", "do", "does", "did", "can",
     "could", "would", "should", "will", "shall", "may", "might", "must", "have", "has", "had",
-    "to", "of", "in", "on", "at", "for", "from", "by", "with", "about", "as", "into", "and", "or",
-    "but", "if", "so", "that", "this", "these", "those", "there", "here", "what", "whats", "how",
-    "why", "when", "where", "wheres", "which", "who", "please", "hi", "hello", "hey", "thanks",
-    "just", "still", "any", "some", "get", "got", "up", "out", "then", "than", "also", "too",
-    "very", "really", "need", "want", "like", "know", "tell", "let", "help", "ok", "okay",
+    "of", "at", "for", "by", "about", "as", "and", "or", "but", "if", "so", "that", "this",
+    "these", "those", "there", "here", "what", "whats", "how", "why", "when", "where", "wheres",
+    "which", "who", "just", "still", "any", "some", "get", "got", "then", "than", "also", "too",
+    "very", "really", "need", "want", "like", "know", "tell", "let", "help",
 ];
+
+/// Greetings and courtesy: words people add around the same question.
+const EN_FILLERS: &[&str] = &[
+    "please",
+    "pls",
+    "plz",
+    "kindly",
+    "hi",
+    "hello",
+    "hey",
+    "hiya",
+    "dear",
+    "team",
+    "thanks",
+    "thank",
+    "thx",
+    "cheers",
+    "sorry",
+    "bother",
+    "wondering",
+    "quick",
+    "question",
+    "advance",
+    "many",
+    "ok",
+    "okay",
+    "guys",
+    "folks",
+    "sir",
+    "madam",
+];
+
+fn is_negation(w: &str) -> bool {
+    EN_NEGATIONS.contains(&w)
+        || w.len() > 3
+            && w.ends_with("nt")
+            && [
+                "do", "did", "does", "ca", "wo", "is", "are", "was", "were", "have", "has", "had",
+                "could", "would", "should",
+            ]
+            .contains(&&w[..w.len() - 2])
+}
+
+/// The words of a question without greetings and courtesy, apostrophes dropped, plurals folded.
+fn words(q: &str) -> Vec<String> {
+    q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '\'' || c == '’') && !is_han(c))
+        .flat_map(|w| {
+            // Chinese characters are words of their own.
+            let mut parts = Vec::new();
+            let mut latin = String::new();
+            for c in w.chars() {
+                if is_han(c) {
+                    if !latin.is_empty() {
+                        parts.push(std::mem::take(&mut latin));
+                    }
+                    parts.push(c.to_string());
+                } else if c != '\'' && c != '’' {
+                    latin.push(c);
+                }
+            }
+            if !latin.is_empty() {
+                parts.push(latin);
+            }
+            parts
+        })
+        .filter(|w| !EN_FILLERS.contains(&w.as_str()))
+        .map(|mut w| {
+            if w.len() > 3 && w.ends_with('s') && !w.ends_with("ss") && w.is_ascii() {
+                w.pop();
+            }
+            w
+        })
+        .collect()
+}
+
+fn is_han(c: char) -> bool {
+    matches!(c as u32, 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF)
+}
+
+/// The same question up to greetings, courtesy and one typo per long word: word for word,
+/// in order, with the same numbers, negation and time words ("How do I chnage the email adress
+/// on my acount?"). Sentence embeddings score such typos low; this is the exact level made
+/// tolerant, applied to the nearest cached questions.
+pub fn near_repeat(a: &str, b: &str) -> bool {
+    let (wa, wb) = (words(a), words(b));
+    wa.len() == wb.len()
+        && !wa.is_empty()
+        && wa.iter().zip(&wb).all(|(x, y)| same_word(x, y))
+        && facts(a) == facts(b)
+}
 
 const ZH_FUNCTION_CHARS: &str = "的了吗嗎呢吧啊呀么麼我你您们們是在有和与與就都也还還要想请請问問怎样樣如何什个個这這那哪吗能可以会會到给給把被一下";
 
 /// The intent-bearing words of a question, in order: English words less function words (with
 /// a crude plural fold), and Chinese characters less function characters.
 fn content_words(q: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut word = String::new();
-    let flush = |word: &mut String, out: &mut Vec<String>| {
-        if !word.is_empty() {
-            let mut w = std::mem::take(word).replace(['\'', '’'], "");
-            if w.len() > 3 && w.ends_with('s') && !w.ends_with("ss") {
-                w.pop();
-            }
-            if !EN_STOPWORDS.contains(&w.as_str()) && !w.is_empty() {
-                out.push(w);
-            }
-        }
-    };
-    for c in q.chars() {
-        if c.is_alphanumeric() && c.is_ascii() || c == '\'' || c == '’' {
-            word.push(c);
-            continue;
-        }
-        flush(&mut word, &mut out);
-        if c.is_alphanumeric() && !ZH_FUNCTION_CHARS.contains(c) {
-            out.push(c.to_string());
-        }
-    }
-    flush(&mut word, &mut out);
-    out
+    words(q)
+        .into_iter()
+        .filter(|w| {
+            let zh_function = w.chars().count() == 1
+                && w.chars()
+                    .next()
+                    .is_some_and(|c| ZH_FUNCTION_CHARS.contains(c));
+            // Negation is compared by `facts`.
+            !(EN_STOPWORDS.contains(&w.as_str()) || is_negation(w) || zh_function)
+        })
+        .collect()
 }
 
 /// Two questions that share most of their content words but differ in a few ("reset my
@@ -91,18 +166,46 @@ pub fn lexically_distinct(a: &str, b: &str) -> bool {
     if wa == wb {
         return false;
     }
-    let (mut sa, mut sb) = (wa.clone(), wb.clone());
-    sa.sort();
-    sb.sort();
-    if sa == sb {
-        return true; // the same words, reordered
-    }
-    sa.dedup();
-    sb.dedup();
-    let shared = sa.iter().filter(|w| sb.binary_search(w).is_ok()).count();
+    // Each word's first match on the other side (typos tolerated).
+    let in_b: Vec<Option<usize>> = wa
+        .iter()
+        .map(|x| wb.iter().position(|y| same_word(x, y)))
+        .collect();
+    let shared_a = in_b.iter().flatten().count();
+    let shared_b = wb
+        .iter()
+        .filter(|y| wa.iter().any(|x| same_word(x, y)))
+        .count();
     // Words one side has and the other lacks, counted as substitutions.
-    let substituted = (sa.len() - shared).max(sb.len() - shared);
-    shared >= substituted
+    let substituted = (wa.len() - shared_a).max(wb.len() - shared_b);
+    if substituted == 0 {
+        // The same words up to typos: distinct only if reordered.
+        let order: Vec<usize> = in_b.into_iter().flatten().collect();
+        return !order.is_sorted();
+    }
+    shared_a.min(shared_b) >= substituted
+}
+
+/// Equal, or one typo apart (an insertion, deletion, substitution or swap of neighbours) when
+/// both words have at least five letters: "adress" is "address", "card" is not "cart".
+fn same_word(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().min(b.len()) < 5 || a.len().abs_diff(b.len()) > 1 {
+        return false;
+    }
+    let prefix = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let (ra, rb) = (&a[prefix..], &b[prefix..]);
+    match ra.len().cmp(&rb.len()) {
+        std::cmp::Ordering::Equal => {
+            ra[1..] == rb[1..]
+                || (ra.len() >= 2 && ra[0] == rb[1] && ra[1] == rb[0] && ra[2..] == rb[2..])
+        }
+        std::cmp::Ordering::Greater => ra[1..] == *rb,
+        std::cmp::Ordering::Less => *ra == rb[1..],
+    }
 }
 
 const EN_NEGATIONS: &[&str] = &[
@@ -269,16 +372,7 @@ pub fn facts(q: &str) -> Facts {
         .map(|w| w.replace(['\'', '’'], ""))
         .filter(|w| !w.is_empty());
     for w in words {
-        if EN_NEGATIONS.contains(&w.as_str())
-            || w.ends_with("nt") && w.len() > 3 && {
-                let stem = &w[..w.len() - 2];
-                [
-                    "do", "did", "does", "ca", "wo", "is", "are", "was", "were", "have", "has",
-                    "had", "could", "would", "should",
-                ]
-                .contains(&stem)
-            }
-        {
+        if is_negation(&w) {
             negated = true;
         }
         if let Some(t) = EN_TIMES.iter().find(|t| **t == w) {
@@ -348,9 +442,37 @@ mod tests {
             "how do i reset my password",
             "how can i reset my password"
         ));
+        // Typos are the same word; short words are not forgiven.
+        assert!(!lexically_distinct(
+            "how do i chnage the email adress on my acount",
+            "how do i change the email address on my account"
+        ));
+        assert!(lexically_distinct("add it to my cart", "add it to my card"));
         assert!(!lexically_distinct(
             "where is my parcel",
             "i'm trying to figure out where my package is right now"
+        ));
+    }
+
+    #[test]
+    fn near_repeats_are_typos_and_courtesy_only() {
+        assert!(near_repeat(
+            "how do i chnage the email adress on my acount",
+            "hi, how do i change the email address on my account? thanks"
+        ));
+        assert!(!near_repeat("how do i sign up", "how do i sign in"));
+        assert!(!near_repeat(
+            "move money to my savings",
+            "move money from my savings"
+        ));
+        assert!(!near_repeat("add it to my cart", "add it to my card"));
+        assert!(!near_repeat(
+            "i received my order",
+            "i didnt receive my order"
+        ));
+        assert!(!near_repeat(
+            "how do i reset my password",
+            "how do i reset my passwords now"
         ));
     }
 

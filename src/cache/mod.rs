@@ -46,6 +46,9 @@ pub const X_FUKE_CACHE_SIMILARITY: &str = "x-fuke-cache-similarity";
 const MAX_CAPTURE: usize = 1 << 20;
 /// Semantic candidates checked against the guards, best first.
 const SEMANTIC_CANDIDATES: usize = 4;
+/// Least similarity of a cached question checked as a near repeat (the same words up to typos
+/// and courtesy, which embeddings score low: "reqest a repeat perscription" scores 0.42).
+const NEAR_REPEAT_FLOOR: f32 = 0.35;
 
 /// A tenant's cache settings, from policy (`tenants.NAME.cache`).
 #[derive(Debug, Clone, PartialEq)]
@@ -65,7 +68,7 @@ pub struct Settings {
 }
 
 /// Defaults chosen from `benches/cache_eval` (BENCHMARKS.md, "Semantic cache").
-pub const DEFAULT_THRESHOLD: f32 = 0.92;
+pub const DEFAULT_THRESHOLD: f32 = 0.86;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_CAPACITY_BYTES: u64 = 64 << 20;
 
@@ -327,15 +330,15 @@ impl Store {
             }
         }
         if let (Some(v), Some(normalized)) = (&vector, &plan.normalized) {
-            for (k, score) in cache.similar(&plan.scope, v, settings.threshold) {
+            let floor = settings.threshold.min(NEAR_REPEAT_FLOOR);
+            for (k, score) in cache.similar(&plan.scope, v, floor) {
                 let Some(entry) = cache.entries.get(&k) else {
                     continue;
                 };
-                if entry
-                    .question
-                    .as_deref()
-                    .is_some_and(|q| guard::agree(q, normalized))
-                {
+                if entry.question.as_deref().is_some_and(|q| {
+                    score >= settings.threshold && guard::agree(q, normalized)
+                        || guard::near_repeat(q, normalized)
+                }) {
                     return Lookup::Hit {
                         entry,
                         exact: false,

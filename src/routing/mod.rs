@@ -42,7 +42,7 @@ const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(10);
 const X_FUKE_BACKEND: HeaderName = HeaderName::from_static("x-fuke-backend");
 const X_FUKE_FALLBACK: HeaderName = HeaderName::from_static("x-fuke-fallback");
 const X_FUKE_FALLBACK_FROM: HeaderName = HeaderName::from_static("x-fuke-fallback-from");
-const X_FUKE_OVERHEAD_MS: HeaderName = HeaderName::from_static("x-fuke-overhead-ms");
+pub(crate) const X_FUKE_OVERHEAD_MS: HeaderName = HeaderName::from_static("x-fuke-overhead-ms");
 
 /// One place a model alias may be served from.
 pub struct Candidate {
