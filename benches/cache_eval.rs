@@ -14,6 +14,8 @@
 //!   guards). A paraphrase counts as a hit only if it found its own `a`; finding another `a` is
 //!   a wrong answer. A near-miss finding any `a` is a false hit.
 //!
+//! With `--time`: how long one question takes to embed (p50/p99 of 200), and nothing else.
+//!
 //! With `--external PATH`: the `fow-cache` pairs (benches/cache_eval.sh fetches them), pairs
 //! measure per category.
 
@@ -238,6 +240,59 @@ async fn main() {
     }]);
     let embedder = models.embedder("embed").expect("embedding model loads");
     println!("model: {}", model.display());
+    if args.iter().any(|a| a == "--time") {
+        // One question at a time, as a semantic lookup embeds it.
+        for q in [
+            "how can I reset my password",
+            "Question 1-2: can you explain item 2 on my invoice?",
+        ] {
+            let _ = embedder.embed(&[q]).await;
+            let mut times = Vec::with_capacity(200);
+            for _ in 0..200 {
+                let t = std::time::Instant::now();
+                embedder.embed(&[q]).await.expect("embeds");
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "embed {} tokens: p50 {:.2} ms, p99 {:.2} ms ({threads} threads)",
+                embedder.tokenize(q).len(),
+                times[100],
+                times[198]
+            );
+        }
+        // The index: one scope of 10,000 cached questions (unit vectors, 384 dims).
+        let dims = embedder.dims();
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut index = FlatIndex::new(dims);
+        for id in 0..10_000u64 {
+            let mut v: Vec<f32> = (0..dims).map(|_| next()).collect();
+            fuke::vectors::normalize(&mut v);
+            index.insert(id, &v);
+        }
+        let q = embedder
+            .embed(&["how can I reset my password"])
+            .await
+            .expect("embeds");
+        let mut times = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            std::hint::black_box(index.search(&q[0], 4, 0.35));
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "search 10,000 x {dims}: p50 {:.3} ms, p99 {:.3} ms",
+            times[100], times[198]
+        );
+        return;
+    }
 
     let mut sets = Vec::new();
     for lang in ["en", "zh"] {

@@ -251,7 +251,7 @@ async fn paraphrase_hits_and_near_miss_misses() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(sim < 1.0 && sim >= fuke::cache::DEFAULT_THRESHOLD, "{sim}");
+    assert!((fuke::cache::DEFAULT_THRESHOLD..1.0).contains(&sim), "{sim}");
     // The cached question's answer.
     assert_eq!(content(&para), "echo: How do I reset my password?");
     assert!(matches!(

@@ -91,7 +91,7 @@ fn is_negation(w: &str) -> bool {
 
 /// The words of a question without greetings and courtesy, apostrophes dropped, plurals folded.
 fn words(q: &str) -> Vec<String> {
-    q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '\'' || c == '’') && !is_han(c))
+    q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '\'' || c == '’' || is_han(c)))
         .flat_map(|w| {
             // Chinese characters are words of their own.
             let mut parts = Vec::new();

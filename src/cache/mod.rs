@@ -413,7 +413,6 @@ impl Collector for StoreMetrics {
                 let labels = [("tenant", c.0.as_ref())];
                 ConstGauge::new(pick(c) as i64).encode(metric.encode_family(&labels)?)?;
             }
-            drop(metric);
         }
         Ok(())
     }
