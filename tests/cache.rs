@@ -251,7 +251,10 @@ async fn paraphrase_hits_and_near_miss_misses() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((fuke::cache::DEFAULT_THRESHOLD..1.0).contains(&sim), "{sim}");
+    assert!(
+        (fuke::cache::DEFAULT_THRESHOLD..1.0).contains(&sim),
+        "{sim}"
+    );
     // The cached question's answer.
     assert_eq!(content(&para), "echo: How do I reset my password?");
     assert!(matches!(
