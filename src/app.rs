@@ -95,6 +95,12 @@ impl App {
         let result = match self.policy.reload() {
             Ok(version) => {
                 self.metrics.policy_version.set(version as i64);
+                // Caches of tenants that no longer have one go now.
+                let policy = self.policy.current();
+                self.policy
+                    .backends()
+                    .cache
+                    .retain(|t| policy.tenant(t).is_some_and(|t| t.cache.is_some()));
                 "ok"
             }
             Err(_) => "rejected",

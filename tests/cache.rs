@@ -496,6 +496,30 @@ async fn errors_truncated_answers_and_bypassed_requests_are_never_cached() {
 }
 
 #[tokio::test]
+async fn a_reload_that_turns_a_cache_off_frees_it_at_once() {
+    let env = start().await;
+    let body = chat("Where do I find my invoices?");
+    env.ask(KEY_ACME, &body).await;
+    env.ask(KEY_GLOBEX, &body).await;
+    env.filled("acme", 1).await;
+    env.filled("globex", 1).await;
+    // acme's cache block goes; globex keeps its cache and its entry.
+    let policy = policy(&env.up.base_url()).replacen("    cache: { sampled: true }\n", "", 1);
+    std::fs::write(env.gw.policy_dir.join("main.yaml"), policy).unwrap();
+    env.gw.app.reload_policy();
+    let counts = env.gw.app.policy.backends().cache.entry_counts();
+    assert_eq!(
+        counts
+            .iter()
+            .map(|(t, n, _)| (t.to_string(), *n))
+            .collect::<Vec<_>>(),
+        vec![("globex".to_string(), 1)]
+    );
+    assert_eq!(cache_header(&env.ask(KEY_ACME, &body).await), "(none)");
+    assert_eq!(cache_header(&env.ask(KEY_GLOBEX, &body).await), "hit");
+}
+
+#[tokio::test]
 async fn a_semantic_cache_needs_an_embedder() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(

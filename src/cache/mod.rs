@@ -234,6 +234,15 @@ impl Store {
         })
     }
 
+    /// Drops the caches of tenants `keep` rejects (removed from policy, or cache turned off), so
+    /// that their memory is returned at once rather than at restart.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.tenants
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| keep(name));
+    }
+
     /// Whether the Redis second level is configured and connected.
     pub fn l2_connected(&self) -> bool {
         self.l2.as_ref().is_some_and(|l| l.connected())
