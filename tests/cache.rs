@@ -206,6 +206,13 @@ async fn exact_hit_replays_the_answer_with_a_fresh_id_and_meters_a_hit() {
     assert_eq!(b["choices"][0]["finish_reason"], "stop");
     assert_eq!(b["usage"], a["usage"]);
 
+    // Greetings and thanks around it do not change the question.
+    let polite = env
+        .ask(KEY_ACME, &chat("Hi! Where is my parcel? Thanks"))
+        .await;
+    assert_eq!(cache_header(&polite), "hit");
+    assert_eq!(polite.headers["x-fuke-cache-similarity"], "1.0000");
+
     let ev = env.gw.usage_of(&second).await;
     assert_eq!(ev.backend, "cache");
     assert_eq!(ev.usage.unwrap().total_tokens, 0, "no model ran");
@@ -223,7 +230,7 @@ async fn exact_hit_replays_the_answer_with_a_fresh_id_and_meters_a_hit() {
     let metrics = get(&env.client, &env.gw.url("/metrics"), None).await.text();
     assert!(
         metrics.contains(
-            r#"fuke_cache_requests_total{tenant="acme",model="gpt",result="hit_exact"} 1"#
+            r#"fuke_cache_requests_total{tenant="acme",model="gpt",result="hit_exact"} 2"#
         ),
         "{metrics}"
     );

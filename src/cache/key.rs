@@ -225,8 +225,85 @@ fn text_of(content: &Value) -> Option<String> {
     }
 }
 
+/// Greetings that open a question; the ones marked `true` need no separator after them.
+const OPENERS: &[(&str, bool)] = &[
+    ("quick question", false),
+    ("good morning", false),
+    ("good afternoon", false),
+    ("good evening", false),
+    ("excuse me", false),
+    ("hello", false),
+    ("hiya", false),
+    ("hey", false),
+    ("hi", false),
+    ("sorry", false),
+    ("please", false),
+    ("麻烦问一下", true),
+    ("打扰一下", true),
+    ("请问一下", true),
+    ("请问", true),
+    ("您好", true),
+    ("你好", true),
+    ("在吗", true),
+    ("亲亲", false),
+    ("亲", false),
+];
+
+/// Thanks and pleas that close a question; the Chinese ones need no separator before them.
+const CLOSERS: &[(&str, bool)] = &[
+    ("thanks in advance", false),
+    ("thanks a lot", false),
+    ("thank you", false),
+    ("thanks", false),
+    ("cheers", false),
+    ("please", false),
+    ("thx", false),
+    ("谢谢你", true),
+    ("谢谢啦", true),
+    ("谢谢", true),
+    ("多谢", true),
+    ("麻烦了", true),
+];
+
+const SEPARATORS: &[char] = &[
+    ' ', ',', '.', '!', '?', ':', ';', '~', '-', '，', '。', '、', '…', '！', '？', '：',
+];
+
+/// The question without the greetings and thanks around it ("Hi, … Thanks!", "亲，请问…谢谢"):
+/// they never change what is asked. A question that is nothing but courtesy stays as it is.
+fn strip_courtesy(q: &str) -> &str {
+    let mut s = q;
+    loop {
+        let before = s.len();
+        s = s.trim_matches(SEPARATORS);
+        for (p, free) in OPENERS {
+            if let Some(rest) = s.strip_prefix(p)
+                && (*free || rest.starts_with(SEPARATORS))
+                && !rest.trim_start_matches(SEPARATORS).is_empty()
+            {
+                s = rest;
+                break;
+            }
+        }
+        s = s.trim_matches(SEPARATORS);
+        for (c, free) in CLOSERS {
+            if let Some(rest) = s.strip_suffix(c)
+                && (*free || rest.ends_with(SEPARATORS))
+                && !rest.trim_end_matches(SEPARATORS).is_empty()
+            {
+                s = rest;
+                break;
+            }
+        }
+        if s.len() == before {
+            return s;
+        }
+    }
+}
+
 /// The question as the exact level compares it: full-width ASCII folded, lower case, runs of
-/// white space as one space, no surrounding space or closing punctuation.
+/// white space as one space, greetings and thanks around it removed, no surrounding space or
+/// closing punctuation.
 pub fn normalize(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut space = false;
@@ -247,7 +324,8 @@ pub fn normalize(text: &str) -> String {
         }
         out.extend(c.to_lowercase());
     }
-    let trimmed = out.trim_end_matches(['?', '!', '.', '。', '？', '！', '~', '…']);
+    let trimmed = strip_courtesy(&out);
+    let trimmed = trimmed.trim_end_matches(['?', '!', '.', '。', '？', '！', '~', '…']);
     trimmed.trim_end().to_string()
 }
 
@@ -268,6 +346,26 @@ mod tests {
             normalize("where is my parcel")
         );
         assert_eq!(normalize("ＡＢＣ　退款？"), "abc 退款");
+    }
+
+    #[test]
+    fn greetings_and_thanks_around_a_question_are_dropped() {
+        let plain = normalize("Where is my parcel?");
+        for q in [
+            "Hi, where is my parcel? Thanks!",
+            "hello where is my parcel please",
+            "Quick question: where is my parcel? Thanks in advance",
+        ] {
+            assert_eq!(normalize(q), plain, "{q}");
+        }
+        assert_eq!(normalize("亲，请问怎么退款？谢谢"), normalize("怎么退款"));
+        assert_eq!(normalize("您好请问怎么退款"), "怎么退款");
+        // Only whole greetings: these are questions, not courtesy.
+        assert_eq!(normalize("亲子套餐怎么退"), "亲子套餐怎么退");
+        assert_eq!(normalize("history of my orders"), "history of my orders");
+        assert_eq!(normalize("is there a warranty"), "is there a warranty");
+        assert_eq!(normalize("Thanks!"), "thanks");
+        assert_eq!(normalize("please cancel my order"), "cancel my order");
     }
 
     #[test]
