@@ -16,10 +16,8 @@ use crate::app::App;
 use crate::body::{self, Body};
 use crate::cache::{self, CacheUse};
 use crate::error::Error;
-use crate::metering::Outcome;
-use crate::openai::{Endpoint, JsonRequest, ModelList, ModelObject, Usage};
+use crate::openai::{Endpoint, JsonRequest, ModelList, ModelObject};
 use crate::policy::{ModelRoute, Policy, Principal, RouteRefusal, Tenant};
-use crate::relay::{Meter, MeterTrace};
 use crate::routing::{self, Call, Payload};
 use crate::trace;
 use crate::trace::RequestTrace;
@@ -138,15 +136,27 @@ pub async fn model_call(
     };
     *model_label = Some(route.alias.clone());
 
+    let mut call = Call {
+        app,
+        principal,
+        route,
+        endpoint,
+        request_id,
+        started,
+        stream,
+        include_usage,
+        trace: trace.cloned(),
+        cache: CacheUse::Off,
+        fill: std::sync::Mutex::new(None),
+    };
+
     // The answer cache: chat requests of tenants that have one.
-    let mut cache_use = CacheUse::Off;
-    let mut fill = None;
     if let (Payload::Json(parsed), Some(settings)) = (&payload, &tenant.cache)
         && endpoint == Endpoint::ChatCompletions
     {
         let span = trace.map(|t| t.child(None, "cache lookup", SpanKind::Internal, Vec::new()));
         let kb_generation = 0; // no knowledge base feeds answers yet
-        cache_use = match cache::plan(
+        call.cache = match cache::plan(
             parsed,
             &tenant.name,
             &route.alias,
@@ -170,97 +180,34 @@ pub async fn model_call(
                         let used = CacheUse::Hit {
                             exact,
                             similarity,
-                            saved: entry.usage,
+                            saved: entry.answer.usage,
                         };
-                        if let Some(cx) = &span {
-                            cx.span().set_attribute(KeyValue::new("fuke.cache", "hit"));
-                            trace::end(cx, None);
-                        }
-                        return Ok(cached_answer(
-                            app, principal, route, endpoint, request_id, started, trace, &entry,
-                            parsed, used,
-                        )
-                        .await);
+                        end_cache_span(span.as_ref(), used);
+                        let mut resp = routing::serve_cached(&call, &entry.answer, used).await;
+                        cache::label(&mut resp, used);
+                        return Ok(resp);
                     }
-                    cache::Lookup::Miss(f) => {
-                        fill = Some(f);
+                    cache::Lookup::Miss(fill) => {
+                        call.fill = std::sync::Mutex::new(Some(fill));
                         CacheUse::Miss
                     }
                 }
             }
         };
-        if let Some(cx) = &span {
-            cx.span()
-                .set_attribute(KeyValue::new("fuke.cache", cache_use.as_str()));
-            trace::end(cx, None);
-        }
+        end_cache_span(span.as_ref(), call.cache);
     }
-
-    let call = Call {
-        app,
-        principal,
-        route,
-        endpoint,
-        request_id,
-        started,
-        stream,
-        include_usage,
-        trace: trace.cloned(),
-        cache: cache_use,
-        fill: std::sync::Mutex::new(fill),
-    };
+    let used = call.cache;
     let mut resp = routing::serve(call, payload).await?;
-    cache::label(&mut resp, cache_use);
+    cache::label(&mut resp, used);
     Ok(resp)
 }
 
-/// A cache hit: metered (no model ran; the tokens it saved are recorded) before it is answered.
-#[allow(clippy::too_many_arguments)]
-async fn cached_answer(
-    app: &App,
-    principal: &Principal,
-    route: &ModelRoute,
-    endpoint: Endpoint,
-    request_id: HeaderValue,
-    started: Instant,
-    trace: Option<&Arc<RequestTrace>>,
-    entry: &cache::Entry,
-    req: &JsonRequest<'_>,
-    used: CacheUse,
-) -> Response<Body> {
-    let mut resp = cache::replay(entry, req.stream, req.include_usage);
-    let meter = Meter {
-        sink: app.sink.clone(),
-        metrics: app.metrics.clone(),
-        request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
-        tenant: principal.tenant.clone(),
-        key_id: principal.key_id.clone(),
-        endpoint,
-        model_alias: route.alias.clone(),
-        upstream_model: entry.model().to_string(),
-        backend: "cache".to_string(),
-        started,
-        streamed: req.stream,
-        fallback: None,
-        chunks: if req.stream { 3 } else { 0 },
-        permit: None,
-        trace: trace.map(|t| MeterTrace {
-            request: t.clone(),
-            spans: Vec::new(),
-        }),
-        cache: used,
-    };
-    meter
-        .record(Some(Usage::default()), 200, Outcome::Completed)
-        .await;
-    cache::label(&mut resp, used);
-    // All of a hit's time is the gateway's own (embedding included).
-    let us = started.elapsed().as_micros();
-    if let Ok(v) = HeaderValue::from_str(&format!("{}.{:03}", us / 1000, us % 1000)) {
-        resp.headers_mut()
-            .insert(crate::routing::X_FUKE_OVERHEAD_MS, v);
+fn end_cache_span(span: Option<&opentelemetry::Context>, used: CacheUse) {
+    if let Some(cx) = span {
+        cx.span()
+            .set_attribute(KeyValue::new("fuke.cache", used.as_str()));
+        trace::end(cx, None);
     }
-    resp
 }
 
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Error> {

@@ -107,7 +107,13 @@ fn chat(question: &str) -> String {
 
 impl Env {
     async fn ask(&self, key: &str, body: &str) -> Reply {
-        self.ask_with(key, body, &[]).await
+        post(
+            &self.client,
+            &self.gw.url("/v1/chat/completions"),
+            key,
+            body,
+        )
+        .await
     }
 
     async fn ask_with(&self, key: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
@@ -130,18 +136,23 @@ impl Env {
 
     /// Waits until `tenant`'s cache holds `n` answers (fills happen after the response).
     async fn filled(&self, tenant: &str, n: u64) {
-        let store = self.gw.app.policy.backends().cache.clone();
-        eventually(&format!("{tenant}'s cache holds {n}"), || {
-            let store = store.clone();
-            async move {
-                store
-                    .entry_counts()
-                    .iter()
-                    .any(|(t, count, _)| t.as_ref() == tenant && *count == n)
-            }
-        })
-        .await;
+        filled(&self.gw, tenant, n).await;
     }
+}
+
+/// Waits until `tenant`'s cache in `gw` holds `n` answers.
+async fn filled(gw: &Gateway, tenant: &str, n: u64) {
+    let store = gw.app.policy.backends().cache.clone();
+    eventually(&format!("{tenant}'s cache holds {n}"), || {
+        let store = store.clone();
+        async move {
+            store
+                .entry_counts()
+                .iter()
+                .any(|(t, count, _)| t.as_ref() == tenant && *count == n)
+        }
+    })
+    .await;
 }
 
 fn cache_header(r: &Reply) -> &str {
@@ -593,22 +604,8 @@ async fn replicas_share_exact_answers_through_redis() {
     }
     let client = client();
     let body = chat("Which payment methods do you accept?");
-    let ask = |gw: &Gateway| {
-        let url = gw.url("/v1/chat/completions");
-        let (client, body) = (&client, body.clone());
-        async move {
-            send(
-                client,
-                Method::POST,
-                &url,
-                Some(KEY_ACME),
-                &[("content-type", "application/json")],
-                body,
-            )
-            .await
-        }
-    };
-    let first = ask(&a).await;
+    let url = |gw: &Gateway| gw.url("/v1/chat/completions");
+    let first = post(&client, &url(&a), KEY_ACME, &body).await;
     assert_eq!(cache_header(&first), "miss");
     let p = prefix.clone();
     eventually("the answer reached Redis", || {
@@ -619,7 +616,7 @@ async fn replicas_share_exact_answers_through_redis() {
     let key = &redis_keys(&prefix).await[0];
     assert!(key.starts_with(&format!("{prefix}acme:")), "{key}");
 
-    let second = ask(&b).await;
+    let second = post(&client, &url(&b), KEY_ACME, &body).await;
     assert_eq!(
         cache_header(&second),
         "hit",
@@ -632,15 +629,7 @@ async fn replicas_share_exact_answers_through_redis() {
         CacheUse::Hit { exact: true, .. }
     ));
     // Tenants stay apart in Redis too.
-    let other = send(
-        &client,
-        Method::POST,
-        &b.url("/v1/chat/completions"),
-        Some(KEY_GLOBEX),
-        &[("content-type", "application/json")],
-        body.clone(),
-    )
-    .await;
+    let other = post(&client, &url(&b), KEY_GLOBEX, &body).await;
     assert_eq!(cache_header(&other), "miss");
     assert_eq!(up.count("echo-model"), 2);
 
@@ -660,28 +649,10 @@ async fn an_unreachable_redis_makes_misses_not_errors() {
     let body = chat("Do you price match?");
     let mut seen = Vec::new();
     for _ in 0..2 {
-        let r = send(
-            &client,
-            Method::POST,
-            &gw.url("/v1/chat/completions"),
-            Some(KEY_ACME),
-            &[("content-type", "application/json")],
-            body.clone(),
-        )
-        .await;
+        let r = post(&client, &gw.url("/v1/chat/completions"), KEY_ACME, &body).await;
         assert_eq!(r.status, 200);
         seen.push(cache_header(&r).to_string());
-        let store = gw.app.policy.backends().cache.clone();
-        eventually("filled locally", || {
-            let store = store.clone();
-            async move {
-                store
-                    .entry_counts()
-                    .iter()
-                    .any(|(t, n, _)| t.as_ref() == "acme" && *n == 1)
-            }
-        })
-        .await;
+        filled(&gw, "acme", 1).await;
     }
     // The local level still works.
     assert_eq!(seen, ["miss", "hit"]);

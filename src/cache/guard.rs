@@ -366,12 +366,8 @@ pub fn facts(q: &str) -> Facts {
     }
     numbers.sort();
 
-    // English words (apostrophes dropped: "didn't" is "didnt").
-    let words = q
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '\'' || c == '’'))
-        .map(|w| w.replace(['\'', '’'], ""))
-        .filter(|w| !w.is_empty());
-    for w in words {
+    // English words (apostrophes dropped: "didn't" is "didnt"; "mondays" is "monday").
+    for w in words(q) {
         if is_negation(&w) {
             negated = true;
         }

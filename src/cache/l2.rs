@@ -10,12 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::Answer;
 use arc_swap::ArcSwapOption;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
-
-use crate::openai::Usage;
 
 /// Longest a lookup waits for Redis before it counts as a miss.
 const TIMEOUT: Duration = Duration::from_millis(50);
@@ -34,15 +32,19 @@ pub struct L2 {
     healthy: Arc<AtomicBool>,
 }
 
-/// An entry as stored in Redis (JSON).
-#[derive(Serialize, Deserialize)]
-pub(super) struct Stored {
-    pub v: u8,
-    pub model: String,
-    pub message: Map<String, Value>,
-    pub system_fingerprint: Option<String>,
-    pub usage: Option<Usage>,
-    pub question: Option<String>,
+/// An answer as stored in Redis: JSON, with a format version.
+#[derive(Serialize)]
+struct Stored<'a> {
+    v: u8,
+    #[serde(flatten)]
+    answer: &'a Answer,
+}
+
+#[derive(Deserialize)]
+struct Loaded {
+    v: u8,
+    #[serde(flatten)]
+    answer: Answer,
 }
 
 impl L2 {
@@ -98,7 +100,7 @@ impl L2 {
         }
     }
 
-    pub(super) async fn get(&self, key: &str) -> Option<Stored> {
+    pub(super) async fn get(&self, key: &str) -> Option<Answer> {
         let mut conn = ConnectionManager::clone(self.conn.load().as_deref()?);
         let got: Result<Option<Vec<u8>>, String> =
             tokio::time::timeout(TIMEOUT, redis::cmd("GET").arg(key).query_async(&mut conn))
@@ -108,9 +110,10 @@ impl L2 {
         match got {
             Ok(bytes) => {
                 self.healthy.store(true, Ordering::Relaxed);
-                serde_json::from_slice::<Stored>(&bytes?)
+                serde_json::from_slice::<Loaded>(&bytes?)
                     .ok()
                     .filter(|s| s.v == 1)
+                    .map(|s| s.answer)
             }
             Err(e) => {
                 self.failed("lookup", &e);
@@ -119,12 +122,12 @@ impl L2 {
         }
     }
 
-    pub(super) async fn set(&self, key: String, entry: &Stored, ttl: Duration) {
+    pub(super) async fn set(&self, key: String, answer: &Answer, ttl: Duration) {
         let Some(conn) = self.conn.load_full() else {
             return;
         };
         let mut conn = ConnectionManager::clone(&conn);
-        let Ok(bytes) = serde_json::to_vec(entry) else {
+        let Ok(bytes) = serde_json::to_vec(&Stored { v: 1, answer }) else {
             return;
         };
         let secs = ttl.as_secs().max(1);

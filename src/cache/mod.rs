@@ -28,7 +28,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::ConstGauge;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::body::{self, Body};
@@ -100,24 +100,46 @@ impl CacheUse {
     }
 }
 
-/// A cached answer.
-#[derive(Debug)]
-pub struct Entry {
-    id: u64,
+/// A cached answer: what replays it, and what the Redis level stores (as JSON).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Answer {
     /// The normalized question it answered (for the semantic guards).
     question: Option<String>,
-    model: String,
+    /// The model that made it, as its upstream named it.
+    pub model: String,
     /// The assistant message (`role`, `content`, `refusal`, annotations…).
     message: Map<String, Value>,
     system_fingerprint: Option<String>,
+    /// The tokens it cost when it was made.
     pub usage: Option<Usage>,
+}
+
+/// An answer in a tenant's cache.
+#[derive(Debug)]
+pub struct Entry {
+    id: u64,
     weight: u32,
+    pub answer: Answer,
 }
 
 impl Entry {
-    /// The model that made the answer (as its upstream named it).
-    pub fn model(&self) -> &str {
-        &self.model
+    /// `answer` under a new id, weighed with its question's vector.
+    fn new(answer: Answer, vector: Option<&[f32]>) -> Entry {
+        let message: usize = answer
+            .message
+            .iter()
+            .map(|(k, v)| k.len() + v.as_str().map_or(32, str::len))
+            .sum();
+        let total = 256
+            + answer.model.len()
+            + message
+            + answer.question.as_ref().map_or(0, String::len)
+            + vector.map_or(0, |v| v.len() * 4);
+        Entry {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            weight: total.min(u32::MAX as usize) as u32,
+            answer,
+        }
     }
 }
 
@@ -187,6 +209,14 @@ impl TenantCache {
         }
         self.entries.insert(key, entry.clone());
         entry
+    }
+
+    /// Whether `scope` holds any question's vector (empty scopes are removed).
+    fn has_vectors(&self, scope: &key::Hash) -> bool {
+        self.index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(scope)
     }
 
     /// Semantic candidates in `scope`, best first.
@@ -301,20 +331,10 @@ impl Store {
         });
         if plan.lookup
             && let Some((l2, l2_key, _)) = &l2
-            && let Some(stored) = l2.get(l2_key).await
+            && let Some(answer) = l2.get(l2_key).await
         {
             // Another replica's answer: kept here too (exact level only: no vector).
-            let mut entry = Entry {
-                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                question: stored.question,
-                model: stored.model,
-                message: stored.message,
-                system_fingerprint: stored.system_fingerprint,
-                usage: stored.usage,
-                weight: 0,
-            };
-            entry.weight = weight(&entry, None);
-            let entry = cache.insert(key, entry, None);
+            let entry = cache.insert(key, Entry::new(answer, None), None);
             return Lookup::Hit {
                 entry,
                 exact: true,
@@ -327,8 +347,11 @@ impl Store {
                 .as_deref()
                 .is_some_and(|q| settings.semantic_cjk || !guard::is_cjk(q));
         let embedder = embedder.filter(|_| semantic);
+        // Embedding is the semantic level's whole cost: not paid on the request's path when the
+        // scope holds no vector to compare with (the fill embeds after the answer is sent).
         let mut vector = None;
         if plan.lookup
+            && cache.has_vectors(&plan.scope)
             && let (Some(e), Some(q)) = (&embedder, &plan.question)
         {
             match e.embed(&[q.as_str()]).await {
@@ -344,7 +367,7 @@ impl Store {
                 let Some(entry) = cache.entries.get(&k) else {
                     continue;
                 };
-                if entry.question.as_deref().is_some_and(|q| {
+                if entry.answer.question.as_deref().is_some_and(|q| {
                     score >= settings.threshold && guard::agree(q, normalized)
                         || guard::near_repeat(q, normalized)
                 }) {
@@ -435,7 +458,7 @@ pub struct Fill {
     key: Key,
     question: Option<String>,
     normalized: Option<String>,
-    /// The question's embedding, when the lookup computed it.
+    /// The question's embedding, when the lookup computed it (else the fill embeds it).
     vector: Option<Vec<f32>>,
     /// Present when the semantic level is on.
     embedder: Option<Arc<Embedder>>,
@@ -459,7 +482,7 @@ impl Fill {
     }
 
     async fn store(self, body: &[u8]) {
-        let Some(mut entry) = answer_of(body) else {
+        let Some(mut answer) = answer_of(body) else {
             return;
         };
         let mut vector = self.vector;
@@ -468,19 +491,11 @@ impl Fill {
         {
             vector = e.embed(&[q.as_str()]).await.ok().and_then(|mut v| v.pop());
         }
-        entry.question = self.normalized;
-        entry.weight = weight(&entry, vector.as_deref());
+        answer.question = self.normalized;
+        let entry = Entry::new(answer, vector.as_deref());
         let entry = self.cache.insert(self.key, entry, vector.as_deref());
         if let Some((l2, key, ttl)) = self.l2 {
-            let stored = l2::Stored {
-                v: 1,
-                model: entry.model.clone(),
-                message: entry.message.clone(),
-                system_fingerprint: entry.system_fingerprint.clone(),
-                usage: entry.usage,
-                question: entry.question.clone(),
-            };
-            l2.set(key, &stored, ttl).await;
+            l2.set(key, &entry.answer, ttl).await;
         }
     }
 }
@@ -523,20 +538,6 @@ impl Capture {
     }
 }
 
-fn weight(e: &Entry, vector: Option<&[f32]>) -> u32 {
-    let message: usize = e
-        .message
-        .iter()
-        .map(|(k, v)| k.len() + v.as_str().map_or(32, str::len))
-        .sum();
-    let total = 256
-        + e.model.len()
-        + message
-        + e.question.as_ref().map_or(0, String::len)
-        + vector.map_or(0, |v| v.len() * 4);
-    total.min(u32::MAX as usize) as u32
-}
-
 #[derive(Deserialize)]
 struct AnswerIn {
     #[serde(default)]
@@ -553,7 +554,7 @@ struct ChoiceIn {
 }
 
 /// A storable answer: one choice that stopped by itself, with text content and no tool calls.
-fn answer_of(body: &[u8]) -> Option<Entry> {
+fn answer_of(body: &[u8]) -> Option<Answer> {
     let a: AnswerIn = serde_json::from_slice(body).ok()?;
     let [choice] = <[ChoiceIn; 1]>::try_from(a.choices).ok()?;
     if choice.finish_reason.as_deref() != Some("stop") {
@@ -567,14 +568,12 @@ fn answer_of(body: &[u8]) -> Option<Entry> {
     if !m.get("content").is_some_and(Value::is_string) {
         return None;
     }
-    Some(Entry {
-        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+    Some(Answer {
         question: None,
         model: a.model,
         message: m,
         system_fingerprint: a.system_fingerprint,
         usage: a.usage,
-        weight: 0,
     })
 }
 
@@ -593,28 +592,25 @@ fn fresh_id() -> String {
 
 /// The cached answer as the client asked for it: JSON, or SSE chunks (with the usage chunk when
 /// `include_usage`), under a fresh `id` and `created`.
-pub fn replay(entry: &Entry, stream: bool, include_usage: bool) -> Response<Body> {
+pub fn replay(answer: &Answer, stream: bool, include_usage: bool) -> Response<Body> {
     let id = fresh_id();
     let created = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let usage = entry.usage.map(|u| {
-        json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens})
-    });
+    let usage = answer.usage.map(|u| json!(u));
     let (body, content_type) = if !stream {
         let mut out = json!({
             "id": id,
             "object": "chat.completion",
             "created": created,
-            "model": entry.model,
-            "choices": [{"index": 0, "message": entry.message, "logprobs": null,
+            "model": answer.model,
+            "choices": [{"index": 0, "message": answer.message, "logprobs": null,
                 "finish_reason": "stop"}],
         });
         if let Some(u) = usage {
             out["usage"] = u;
         }
-        if let Some(f) = &entry.system_fingerprint {
+        if let Some(f) = &answer.system_fingerprint {
             out["system_fingerprint"] = Value::from(f.as_str());
         }
         (
@@ -624,8 +620,8 @@ pub fn replay(entry: &Entry, stream: bool, include_usage: bool) -> Response<Body
     } else {
         let chunk = |choices: Value, usage: Option<&Value>| {
             let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created,
-                "model": entry.model, "choices": choices});
-            if let Some(f) = &entry.system_fingerprint {
+                "model": answer.model, "choices": choices});
+            if let Some(f) = &answer.system_fingerprint {
                 c["system_fingerprint"] = Value::from(f.as_str());
             }
             if include_usage {
@@ -634,7 +630,7 @@ pub fn replay(entry: &Entry, stream: bool, include_usage: bool) -> Response<Body
             c
         };
         let mut delta = Map::new();
-        for (k, v) in &entry.message {
+        for (k, v) in &answer.message {
             if k != "role" {
                 delta.insert(k.clone(), v.clone());
             }
@@ -723,16 +719,17 @@ mod tests {
             scope: [1; 16],
             exact: [2; 16],
         };
-        let entry = || Entry {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            question: Some("q".into()),
-            model: "m".into(),
-            message: Map::new(),
-            system_fingerprint: None,
-            usage: None,
-            weight: 100,
-        };
         let v = [1.0f32, 0.0, 0.0];
+        let entry = || {
+            let answer = Answer {
+                question: Some("q".into()),
+                model: "m".into(),
+                message: Map::new(),
+                system_fingerprint: None,
+                usage: None,
+            };
+            Entry::new(answer, Some(&v))
+        };
         cache.insert(key, entry(), Some(&v));
         // A replacement keeps exactly one vector: its own.
         cache.insert(key, entry(), Some(&v));

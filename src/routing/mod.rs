@@ -18,10 +18,10 @@ use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use crate::app::App;
 use crate::backends::{Backend, BackendRequest, BackendResponse};
 use crate::body::{self, Body};
-use crate::cache::{CacheUse, Fill};
+use crate::cache::{self, Answer, CacheUse, Fill};
 use crate::error::Error;
 use crate::metering::Outcome;
-use crate::openai::{Endpoint, JsonRequest};
+use crate::openai::{Endpoint, JsonRequest, Usage};
 use crate::policy::{ModelRoute, Principal};
 use crate::relay::{Meter, MeterTrace, relay};
 use crate::telemetry::{FallbackLabels, Label, UpstreamLabels};
@@ -42,7 +42,7 @@ const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(10);
 const X_FUKE_BACKEND: HeaderName = HeaderName::from_static("x-fuke-backend");
 const X_FUKE_FALLBACK: HeaderName = HeaderName::from_static("x-fuke-fallback");
 const X_FUKE_FALLBACK_FROM: HeaderName = HeaderName::from_static("x-fuke-fallback-from");
-pub(crate) const X_FUKE_OVERHEAD_MS: HeaderName = HeaderName::from_static("x-fuke-overhead-ms");
+const X_FUKE_OVERHEAD_MS: HeaderName = HeaderName::from_static("x-fuke-overhead-ms");
 
 /// One place a model alias may be served from.
 pub struct Candidate {
@@ -192,7 +192,32 @@ pub async fn serve(call: Call<'_>, payload: Payload<'_>) -> Result<Response<Body
     let mut resp = attempts(&call, payload, &mut waited).await?;
     // The gateway's own time: until response headers, less the time spent waiting for
     // backends (answers, first tokens, JSON bodies).
-    let overhead = call.started.elapsed().saturating_sub(waited);
+    report_overhead(
+        &call,
+        &mut resp,
+        call.started.elapsed().saturating_sub(waited),
+    );
+    Ok(resp)
+}
+
+/// Answers from the cache: metered first (no backend ran; the tokens the answer saved are on
+/// the event), then replayed as the client asked. All of its time is the gateway's own.
+pub async fn serve_cached(call: &Call<'_>, answer: &Answer, used: CacheUse) -> Response<Body> {
+    let mut resp = cache::replay(answer, call.stream, call.include_usage);
+    let mut meter = meter(call, None, None, &[], None);
+    meter.backend = "cache".to_string();
+    meter.upstream_model = answer.model.clone();
+    meter.cache = used;
+    meter.chunks = if call.stream { 3 } else { 0 };
+    meter
+        .record(Some(Usage::default()), 200, Outcome::Completed)
+        .await;
+    report_overhead(call, &mut resp, call.started.elapsed());
+    resp
+}
+
+/// Observes the gateway's own time and says it in `x-fuke-overhead-ms`.
+fn report_overhead(call: &Call<'_>, resp: &mut Response<Body>, overhead: Duration) {
     call.app
         .metrics
         .overhead
@@ -204,7 +229,6 @@ pub async fn serve(call: Call<'_>, payload: Payload<'_>) -> Result<Response<Body
     if let Ok(v) = HeaderValue::from_str(&format!("{}.{:03}", us / 1000, us % 1000)) {
         resp.headers_mut().insert(X_FUKE_OVERHEAD_MS, v);
     }
-    Ok(resp)
 }
 
 /// The stage spans of one attempt, when tracing is on.
