@@ -38,6 +38,8 @@ pub struct Embedder {
     dims: usize,
     /// Most tokens in one input (the model's trained context, or the configured one if smaller).
     max_tokens: usize,
+    /// Name, dimensions and file size: stored vectors from another model are not reused.
+    fingerprint: String,
 }
 
 /// Most inputs in one `/v1/embeddings` request (OpenAI's limit).
@@ -87,7 +89,9 @@ impl Embedder {
         ready_rx
             .recv()
             .map_err(|_| "the embedding thread stopped".to_string())??;
+        let file_len = std::fs::metadata(&cfg.path).map_or(0, |m| m.len());
         Ok(Embedder {
+            fingerprint: format!("{}:{}:{file_len}", cfg.name, model.n_embd()),
             name: cfg.name.clone(),
             dims: model.n_embd() as usize,
             model,
@@ -103,6 +107,11 @@ impl Embedder {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// What identifies this model's vectors: name, dimensions and model file size.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// Tokens of `text` as the model sees it (special tokens included).

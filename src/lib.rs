@@ -49,6 +49,7 @@ pub mod config;
 pub mod devcerts;
 pub mod embed;
 pub mod error;
+pub mod kb;
 pub mod limits;
 pub mod metering;
 pub mod openai;

@@ -56,6 +56,38 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// The knowledge base (fuke.yaml `kb:`).
+    Kb {
+        #[arg(
+            long,
+            short,
+            default_value = "fuke.yaml",
+            env = "FUKE_CONFIG",
+            global = true
+        )]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: KbCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KbCommand {
+    /// Index one collection (or all): only new or changed chunks are embedded.
+    Index { collection: Option<String> },
+    /// Print the chunks a question retrieves, with their scores and sources.
+    Search {
+        question: String,
+        /// Collections to search (default: all).
+        #[arg(long = "collection")]
+        collections: Vec<String>,
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0.0)]
+        min_score: f32,
+    },
+    /// Collections, chunks, files and generations of the stored index.
+    Stats,
 }
 
 #[derive(Subcommand)]
@@ -73,6 +105,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::Check { config } => return check(config),
         Command::Keygen { tenant, id, role } => keygen(&tenant, id, &role),
+        Command::Kb { config, command } => kb_command(config, command),
         Command::Certs {
             command: CertsCommand::Dev { dir },
         } => fuke::devcerts::generate(&["localhost", "127.0.0.1", "::1"])
@@ -116,6 +149,10 @@ fn check(config_path: PathBuf) -> ExitCode {
             let backends = Registry {
                 local: LocalModels::configured(&config.local_models),
                 embedder: config.embedder.clone(),
+                kb_collections: config
+                    .kb
+                    .as_ref()
+                    .map(|k| fuke::kb::collection_names(&k.dir)),
                 ..Registry::default()
             };
             if let Err(p) = fuke::policy::load_dir(&config.policies_dir, 0, &backends) {
@@ -134,6 +171,112 @@ fn check(config_path: PathBuf) -> ExitCode {
         eprintln!("{} problem(s)", problems.len());
         ExitCode::FAILURE
     }
+}
+
+/// Opens the knowledge base of `config` with only its embedding model loaded.
+async fn open_kb(config: &Config) -> anyhow::Result<Arc<fuke::kb::KnowledgeBase>> {
+    let kb_cfg = config
+        .kb
+        .clone()
+        .context("fuke.yaml has no `kb:` section")?;
+    let name = config
+        .embedder
+        .clone()
+        .context("fuke.yaml has no `embedder:`")?;
+    let configs: Vec<_> = config
+        .local_models
+        .iter()
+        .filter(|m| m.name == name)
+        .cloned()
+        .collect();
+    let local = tokio::task::spawn_blocking(move || LocalModels::load(&configs)).await?;
+    let embedder = local
+        .embedder(&name)
+        .with_context(|| format!("the embedding model `{name}` did not load"))?;
+    fuke::kb::KnowledgeBase::open(kb_cfg, embedder)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn kb_command(config_path: PathBuf, command: KbCommand) -> anyhow::Result<()> {
+    let config = Config::load(&config_path).map_err(|p| anyhow::anyhow!("{p}"))?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let kb = open_kb(&config).await?;
+        match command {
+            KbCommand::Index { collection } => {
+                let bar = indicatif::ProgressBar::new(0);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{prefix:>12} [{bar:30}] {pos}/{len} chunks embedded ({elapsed})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                let progress = |name: &str, p: fuke::kb::Progress| match p {
+                    fuke::kb::Progress::Embedding { total } => {
+                        bar.set_prefix(name.to_string());
+                        bar.set_length(total as u64);
+                        bar.set_position(0);
+                    }
+                    fuke::kb::Progress::Embedded { done } => bar.set_position(done as u64),
+                };
+                let summaries = match collection {
+                    Some(c) => {
+                        if !config.kb.as_ref().is_some_and(|k| k.dir.join(&c).is_dir()) {
+                            anyhow::bail!("no collection `{c}` (a directory under the knowledge-base directory)");
+                        }
+                        vec![kb.index(&c, &|p| progress(&c, p)).await.map_err(|e| anyhow::anyhow!(e))?]
+                    }
+                    None => kb.index_all(&progress).await,
+                };
+                bar.finish_and_clear();
+                for s in summaries {
+                    println!("{s}");
+                }
+            }
+            KbCommand::Search {
+                question,
+                collections,
+                top_k,
+                min_score,
+            } => {
+                let names: Vec<Arc<str>> = if collections.is_empty() {
+                    kb.collections().into_iter().map(Arc::from).collect()
+                } else {
+                    collections.into_iter().map(Arc::from).collect()
+                };
+                let hits = kb
+                    .search(&names, &question, top_k, min_score)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if hits.is_empty() {
+                    println!("no chunk scored {min_score} or more");
+                }
+                for (i, h) in hits.iter().enumerate() {
+                    println!(
+                        "{}. {:.3} (vector {:.3}, keyword {:.3})  {}  [{}]",
+                        i + 1,
+                        h.score,
+                        h.vector,
+                        h.keyword,
+                        h.id(),
+                        h.chunk.headings.join(" > ")
+                    );
+                    for line in h.chunk.text.lines() {
+                        println!("      {line}");
+                    }
+                }
+            }
+            KbCommand::Stats => {
+                println!("{:<20} {:>8} {:>8}  generation", "collection", "files", "chunks");
+                for (name, chunks, files, generation) in kb.stats() {
+                    println!("{name:<20} {files:>8} {chunks:>8}  {generation:016x}");
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 fn keygen(tenant: &str, id: Option<String>, role: &str) -> anyhow::Result<()> {
@@ -179,12 +322,28 @@ async fn serve_async(
         }
         None => None,
     };
+    let kb = match &config.kb {
+        None => None,
+        Some(kb_cfg) => {
+            let name = config.embedder.clone().unwrap_or_default();
+            let embedder = local.embedder(&name).with_context(|| {
+                format!("the knowledge base needs the embedding model `{name}`, which did not load")
+            })?;
+            let kb = fuke::kb::KnowledgeBase::open(kb_cfg.clone(), embedder)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            metrics.register_collector(fuke::kb::KbMetrics(kb.clone()));
+            Some(kb)
+        }
+    };
     let metrics = Arc::new(metrics);
     let backends = Arc::new(Registry {
         local,
         health,
         embedder: config.embedder.clone(),
         cache,
+        kb_collections: kb.as_ref().map(|k| k.collections()),
+        kb: kb.clone(),
         ..Registry::default()
     });
     let policy = Arc::new(
@@ -205,6 +364,26 @@ async fn serve_async(
             app.reload_policy()
         })
         .context("watching the policy directory")?
+    };
+
+    // The stored index serves at once; an index run brings it up to date with the files (only
+    // changes are embedded), then the watcher re-indexes on every change.
+    let _kb_watch = match &kb {
+        None => None,
+        Some(kb) => {
+            let k = kb.clone();
+            tokio::spawn(async move {
+                k.index_all(&|_, _| {}).await;
+            });
+            if kb.config().watch {
+                Some(
+                    kb.watch()
+                        .context("watching the knowledge-base directory")?,
+                )
+            } else {
+                None
+            }
+        }
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -56,6 +56,8 @@ pub struct UsageEvent {
     /// What the answer cache did. On a hit `usage` is zero (no model ran) and the tokens the
     /// cached answer cost are in `CacheUse::Hit::saved`.
     pub cache: CacheUse,
+    /// Knowledge-base excerpts injected into the request.
+    pub kb_chunks: u32,
 }
 
 /// Receives every usage event. `record` completes once the event is safely stored; the gateway
@@ -112,6 +114,7 @@ struct UsageRecord<'a> {
     cache_similarity: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tokens_saved: Option<u64>,
+    kb_chunks: u32,
 }
 
 impl<W> UsageSink for LogSink<W>
@@ -152,6 +155,7 @@ where
                     CacheUse::Hit { saved, .. } => saved.map(|u| u.total_tokens),
                     _ => None,
                 },
+                kb_chunks: ev.kb_chunks,
             },
         };
         let mut buf = Vec::with_capacity(384);

@@ -114,7 +114,9 @@ pub async fn model_call(
     // The alias is only known once the body has been read as far as its `model`.
     let bytes;
     let parsed;
-    let (route, payload, stream, include_usage) = if endpoint == Endpoint::AudioTranscriptions {
+    let kb_bytes;
+    let kb_parsed;
+    let (route, mut payload, stream, include_usage) = if endpoint == Endpoint::AudioTranscriptions {
         let upload = read_multipart_head(req, limit).await?;
         let route = route(policy, tenant, &upload.model)?;
         let payload = Payload::Upload {
@@ -148,6 +150,12 @@ pub async fn model_call(
         trace: trace.cloned(),
         cache: CacheUse::Off,
         fill: std::sync::Mutex::new(None),
+        kb_chunks: 0,
+    };
+    let backends = app.policy.backends();
+    let kb = match (&tenant.kb, &backends.kb) {
+        (Some(grant), Some(kb)) if endpoint == Endpoint::ChatCompletions => Some((grant, kb)),
+        _ => None,
     };
 
     // The answer cache: chat requests of tenants that have one.
@@ -155,7 +163,8 @@ pub async fn model_call(
         && endpoint == Endpoint::ChatCompletions
     {
         let span = trace.map(|t| t.child(None, "cache lookup", SpanKind::Internal, Vec::new()));
-        let kb_generation = 0; // no knowledge base feeds answers yet
+        // Answers depend on the knowledge base they were given: a new generation, a new scope.
+        let kb_generation = kb.map_or(0, |(grant, kb)| kb.generation_of(&grant.collections));
         call.cache = match cache::plan(
             parsed,
             &tenant.name,
@@ -166,7 +175,6 @@ pub async fn model_call(
         ) {
             Err(reason) => CacheUse::Bypass(reason),
             Ok(plan) => {
-                let backends = app.policy.backends();
                 match backends
                     .cache
                     .lookup(&tenant.name, settings, plan, backends.embedder())
@@ -196,10 +204,93 @@ pub async fn model_call(
         };
         end_cache_span(span.as_ref(), call.cache);
     }
+
+    // Knowledge-base context: the best excerpts of the tenant's collections for the question.
+    let mut sources = None;
+    if let (Payload::Json(req), Some((grant, kb))) = (&payload, kb)
+        && let Some(question) = crate::kb::inject::question(req, grant.turns)
+    {
+        let span = trace.map(|t| t.child(None, "kb retrieval", SpanKind::Internal, Vec::new()));
+        let context = retrieve(kb, grant, &question).await;
+        if let Some(cx) = &span {
+            cx.span().set_attribute(KeyValue::new(
+                "fuke.kb.chunks",
+                context.as_ref().map_or(0, |c| c.1.len() as i64),
+            ));
+            trace::end(cx, None);
+        }
+        if let Some((system, hits)) = context {
+            kb_bytes = crate::kb::inject::with_context(req, &system)?;
+            kb_parsed = JsonRequest::parse(endpoint, &kb_bytes)?;
+            payload = Payload::Json(&kb_parsed);
+            call.kb_chunks = hits.len() as u32;
+            sources = Some(kb_sources_header(&hits));
+        }
+    }
+
     let used = call.cache;
     let mut resp = routing::serve(call, payload).await?;
     cache::label(&mut resp, used);
+    if let Some(v) = sources {
+        resp.headers_mut().insert(X_FUKE_KB_SOURCES, v);
+    }
     Ok(resp)
+}
+
+/// `x-fuke-kb-sources`: the excerpts injected, as `collection/path#chunk`, comma-separated.
+pub const X_FUKE_KB_SOURCES: http::HeaderName = http::HeaderName::from_static("x-fuke-kb-sources");
+
+/// The rendered context and the hits in it; `None` when nothing scored high enough, or when
+/// retrieval failed (the request then goes on without context, and the failure is logged).
+async fn retrieve(
+    kb: &crate::kb::KnowledgeBase,
+    grant: &crate::policy::KbGrant,
+    question: &str,
+) -> Option<(String, Vec<crate::kb::Hit>)> {
+    let hits = match kb
+        .search(&grant.collections, question, grant.top_k, grant.min_score)
+        .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            kb.counters
+                .search_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "knowledge-base retrieval failed; answering without context");
+            return None;
+        }
+    };
+    if hits.is_empty() {
+        return None;
+    }
+    match crate::kb::inject::render(&grant.template, question, &hits) {
+        Ok(system) => Some((system, hits)),
+        Err(e) => {
+            kb.counters
+                .search_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "knowledge-base template failed to render; answering without context");
+            None
+        }
+    }
+}
+
+/// Chunk ids, percent-encoded where a header value could not carry them (non-ASCII paths).
+fn kb_sources_header(hits: &[crate::kb::Hit]) -> HeaderValue {
+    let mut out = String::new();
+    for (i, h) in hits.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        for b in h.id().bytes() {
+            if b.is_ascii_graphic() && b != b',' && b != b'%' {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 fn end_cache_span(span: Option<&opentelemetry::Context>, used: CacheUse) {

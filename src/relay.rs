@@ -57,6 +57,8 @@ pub struct Meter {
     pub trace: Option<MeterTrace>,
     /// What the answer cache did.
     pub cache: CacheUse,
+    /// Knowledge-base excerpts injected.
+    pub kb_chunks: u32,
 }
 
 /// Spans a meter ends: the request's (its server span ends when the last holder drops it) and
@@ -125,6 +127,7 @@ impl Meter {
             fallback: self.fallback.clone(),
             streamed_chunks: self.chunks,
             cache: self.cache,
+            kb_chunks: self.kb_chunks,
         }
     }
 

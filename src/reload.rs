@@ -25,6 +25,30 @@ pub fn watch_dirs<F>(
 where
     F: Fn() + Send + Sync + 'static,
 {
+    watch(what, dirs, RecursiveMode::NonRecursive, on_change)
+}
+
+/// [`watch_dirs`] over whole trees (the knowledge base's collections and their subdirectories).
+pub fn watch_trees<F>(
+    what: &'static str,
+    dirs: Vec<PathBuf>,
+    on_change: F,
+) -> notify::Result<WatchHandle>
+where
+    F: Fn() + Send + Sync + 'static,
+{
+    watch(what, dirs, RecursiveMode::Recursive, on_change)
+}
+
+fn watch<F>(
+    what: &'static str,
+    dirs: Vec<PathBuf>,
+    mode: RecursiveMode,
+    on_change: F,
+) -> notify::Result<WatchHandle>
+where
+    F: Fn() + Send + Sync + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
@@ -34,7 +58,7 @@ where
         }
     })?;
     for dir in &dirs {
-        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+        watcher.watch(dir, mode)?;
     }
     let on_change = std::sync::Arc::new(on_change);
     let task = tokio::spawn(async move {

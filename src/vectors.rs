@@ -79,6 +79,12 @@ impl FlatIndex {
         }
     }
 
+    /// The vector stored under `id`.
+    pub fn get(&self, id: u64) -> Option<&[f32]> {
+        let i = *self.slot.get(&id)?;
+        Some(&self.data[i * self.dims..(i + 1) * self.dims])
+    }
+
     /// Removes `id`'s vector (the last one moves into its place). Whether it was there.
     pub fn remove(&mut self, id: u64) -> bool {
         let Some(i) = self.slot.remove(&id) else {

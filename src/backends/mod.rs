@@ -52,6 +52,10 @@ pub struct Registry {
     pub embedder: Option<String>,
     /// Every tenant's answer cache, kept across reloads.
     pub cache: std::sync::Arc<crate::cache::Store>,
+    /// Collections policies may grant (fuke.yaml `kb:`); `None` without a knowledge base.
+    pub kb_collections: Option<Vec<String>>,
+    /// The knowledge base, when serving with one.
+    pub kb: Option<std::sync::Arc<crate::kb::KnowledgeBase>>,
 }
 
 impl Registry {

@@ -33,6 +33,31 @@ struct RawConfig {
     tracing: Option<crate::trace::RawTracing>,
     /// The answer cache's shared second level.
     cache: Option<RawCacheConfig>,
+    /// Where Fuke keeps its state (the knowledge-base index). Default `data`.
+    data_dir: Option<PathBuf>,
+    /// The knowledge base.
+    kb: Option<RawKbConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKbConfig {
+    /// One directory per collection below it. Default `kb`.
+    dir: Option<PathBuf>,
+    /// Most tokens per chunk (default 200).
+    chunk_tokens: Option<usize>,
+    /// Tokens repeated from the end of one chunk at the start of the next (default 40).
+    chunk_overlap: Option<usize>,
+    /// Weight of the keyword (BM25) score against vector similarity, 0..=1 (default 0.3).
+    keyword_weight: Option<f32>,
+    /// The same for Chinese, Japanese and Korean questions (default 0.7).
+    keyword_weight_cjk: Option<f32>,
+    /// Re-index a collection when its files change (default true).
+    watch: Option<bool>,
+    /// Keep vectors in Qdrant (gRPC URL, e.g. http://127.0.0.1:6334).
+    qdrant_url: Option<String>,
+    /// Name of the variable that holds Qdrant's API key.
+    qdrant_api_key_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +140,9 @@ pub struct Config {
     pub cache_l2: Option<crate::cache::L2Config>,
     /// OTLP tracing, from `tracing:` and the `OTEL_*` variables; `None` when off.
     pub tracing: Option<crate::trace::TraceConfig>,
+    pub data_dir: PathBuf,
+    /// The knowledge base, when `kb:` is configured.
+    pub kb: Option<crate::kb::KbConfig>,
     /// The file, and the line of each local model's `path`, for `fuke check`'s reports.
     source: PathBuf,
     local_model_lines: Vec<Option<usize>>,
@@ -314,8 +342,73 @@ impl Config {
                 None
             }
         };
+        let data_dir = base.join(raw.data_dir.clone().unwrap_or_else(|| "data".into()));
+        let kb = raw.kb.as_ref().map(|k| {
+            let defaults = crate::kb::chunk::Budget::default();
+            crate::kb::KbConfig {
+                dir: base.join(k.dir.clone().unwrap_or_else(|| "kb".into())),
+                data_dir: data_dir.clone(),
+                budget: crate::kb::chunk::Budget {
+                    max_tokens: k.chunk_tokens.unwrap_or(defaults.max_tokens),
+                    overlap_tokens: k.chunk_overlap.unwrap_or(defaults.overlap_tokens),
+                },
+                keyword_weight: k
+                    .keyword_weight
+                    .unwrap_or(crate::kb::DEFAULT_KEYWORD_WEIGHT),
+                keyword_weight_cjk: k
+                    .keyword_weight_cjk
+                    .unwrap_or(crate::kb::DEFAULT_KEYWORD_WEIGHT_CJK),
+                watch: k.watch.unwrap_or(true),
+                qdrant_url: k.qdrant_url.clone(),
+                qdrant_api_key_env: k.qdrant_api_key_env.clone(),
+            }
+        });
+        if let Some(k) = &kb {
+            if raw.embedder.is_none() {
+                add(
+                    "kb".into(),
+                    "the knowledge base needs `embedder:` (a local embedding model)".into(),
+                );
+            }
+            if !k.dir.is_dir() {
+                add(
+                    "kb.dir".into(),
+                    format!("{} is not a directory", k.dir.display()),
+                );
+            }
+            if !(32..=4096).contains(&k.budget.max_tokens) {
+                add(
+                    "kb.chunk_tokens".into(),
+                    "must be between 32 and 4096".into(),
+                );
+            }
+            if k.budget.overlap_tokens * 2 > k.budget.max_tokens {
+                add(
+                    "kb.chunk_overlap".into(),
+                    "must be at most half of chunk_tokens".into(),
+                );
+            }
+            for (key, w) in [
+                ("kb.keyword_weight", k.keyword_weight),
+                ("kb.keyword_weight_cjk", k.keyword_weight_cjk),
+            ] {
+                if !(0.0..=1.0).contains(&w) {
+                    add(key.into(), "must be between 0 and 1".into());
+                }
+            }
+            if let Some(url) = &k.qdrant_url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                add(
+                    "kb.qdrant_url".into(),
+                    "must be an http:// or https:// URL (Qdrant's gRPC port, usually 6334)".into(),
+                );
+            }
+        }
         if problems.is_empty() {
             Ok(Config {
+                data_dir,
+                kb,
                 cache_l2,
                 local_models,
                 embedder: raw.embedder,

@@ -286,6 +286,49 @@ impl<'a> JsonRequest<'a> {
         Ok(req)
     }
 
+    /// The body with top-level field `key` set to the JSON `value` (in place of its last
+    /// occurrence; earlier duplicates dropped), every other field as it arrived.
+    pub fn body_with(&self, key: &str, value: &[u8]) -> Bytes {
+        let last = self.fields.iter().rposition(|(k, _)| k == key);
+        let mut out = BytesMut::with_capacity(
+            self.fields
+                .iter()
+                .map(|(k, v)| k.len() + v.get().len() + 4)
+                .sum::<usize>()
+                + value.len()
+                + 2,
+        );
+        out.put_u8(b'{');
+        let mut first = true;
+        for (i, (k, raw)) in self.fields.iter().enumerate() {
+            let v: &[u8] = if k == key {
+                if Some(i) != last {
+                    continue;
+                }
+                value
+            } else {
+                raw.get().as_bytes()
+            };
+            if !first {
+                out.put_u8(b',');
+            }
+            first = false;
+            out.put_slice(&serde_json::to_vec(k.as_ref()).unwrap_or_default());
+            out.put_u8(b':');
+            out.put_slice(v);
+        }
+        if last.is_none() {
+            if !first {
+                out.put_u8(b',');
+            }
+            out.put_slice(&serde_json::to_vec(key).unwrap_or_default());
+            out.put_u8(b':');
+            out.put_slice(value);
+        }
+        out.put_u8(b'}');
+        out.freeze()
+    }
+
     /// The body sent upstream: the client's fields in their order and bytes, with `model`
     /// replaced by the upstream's name and, for streams, `stream_options.include_usage`
     /// forced on so the gateway always learns the real token counts.

@@ -66,6 +66,10 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
+    fn len(&self) -> usize {
+        self.problems.len()
+    }
+
     fn add(&mut self, src: usize, path: String, message: impl Into<String>) {
         let s = &self.sources[src];
         self.problems.push(Problem {
@@ -626,14 +630,97 @@ fn validate_tenant(
         .cache
         .as_ref()
         .and_then(|c| validate_cache(report, si, &path, c, backends));
+    let kb =
+        t.kb.as_ref()
+            .and_then(|k| validate_kb(report, si, &path, k, backends));
     Tenant {
         cache,
+        kb,
         name: name.into(),
         models: allowed,
         limits: Limits {
             requests_per_minute: t.limits.requests_per_minute.filter(|n| *n > 0),
         },
     }
+}
+
+fn validate_kb(
+    report: &mut Report<'_>,
+    si: usize,
+    tenant_path: &str,
+    k: &crate::policy::raw::RawKb,
+    backends: &Registry,
+) -> Option<crate::policy::KbGrant> {
+    let path = format!("{tenant_path}.kb");
+    let before = report.len();
+    let Some(known) = &backends.kb_collections else {
+        report.add(
+            si,
+            path,
+            "the knowledge base needs `kb:` and `embedder:` in fuke.yaml",
+        );
+        return None;
+    };
+    if k.collections.is_empty() {
+        report.add(
+            si,
+            format!("{path}.collections"),
+            "name at least one collection",
+        );
+    }
+    for (i, c) in k.collections.iter().enumerate() {
+        if !known.contains(c) {
+            report.add(
+                si,
+                format!("{path}.collections[{i}]"),
+                format!("no collection `{c}` (a directory under the knowledge-base directory)"),
+            );
+        }
+    }
+    if let Some(n) = k.top_k
+        && !(1..=20).contains(&n)
+    {
+        report.add(si, format!("{path}.top_k"), "must be between 1 and 20");
+    }
+    if let Some(n) = k.turns
+        && !(1..=20).contains(&n)
+    {
+        report.add(si, format!("{path}.turns"), "must be between 1 and 20");
+    }
+    if let Some(m) = k.min_score
+        && !(0.0..=1.0).contains(&m)
+    {
+        report.add(si, format!("{path}.min_score"), "must be between 0 and 1");
+    }
+    let template = crate::kb::inject::compile(
+        k.template
+            .as_deref()
+            .unwrap_or(crate::kb::inject::DEFAULT_TEMPLATE),
+    );
+    let template = match template {
+        Ok(t) => Some(t),
+        Err(e) => {
+            report.add(si, format!("{path}.template"), e);
+            None
+        }
+    };
+    if report.len() != before {
+        return None;
+    }
+    let mut collections: Vec<Arc<str>> = k
+        .collections
+        .iter()
+        .map(|c| Arc::from(c.as_str()))
+        .collect();
+    collections.sort();
+    collections.dedup();
+    Some(crate::policy::KbGrant {
+        collections,
+        top_k: k.top_k.unwrap_or(crate::kb::DEFAULT_TOP_K),
+        min_score: k.min_score.unwrap_or(crate::kb::DEFAULT_MIN_SCORE),
+        turns: k.turns.unwrap_or(1),
+        template: template?,
+    })
 }
 
 fn validate_cache(

@@ -33,6 +33,18 @@ pub struct Tenant {
     pub limits: Limits,
     /// The answer cache's settings; `None`: off.
     pub cache: Option<crate::cache::Settings>,
+    /// Knowledge-base retrieval; `None`: off.
+    pub kb: Option<KbGrant>,
+}
+
+/// What a tenant retrieves from the knowledge base, and how the excerpts are injected.
+#[derive(Debug)]
+pub struct KbGrant {
+    pub collections: Vec<Arc<str>>,
+    pub top_k: usize,
+    pub min_score: f32,
+    pub turns: usize,
+    pub template: minijinja::Environment<'static>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]

@@ -117,6 +117,24 @@ pub struct RawTenant {
     pub limits: RawLimits,
     /// The answer cache; off when absent.
     pub cache: Option<RawCache>,
+    /// Knowledge-base context added to chat requests; off when absent.
+    pub kb: Option<RawKb>,
+}
+
+/// `tenants.NAME.kb`: which collections this tenant's questions are answered from.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKb {
+    /// Collections (directories under fuke.yaml `kb.dir`) this tenant may read.
+    pub collections: Vec<String>,
+    /// Most excerpts injected (default 3).
+    pub top_k: Option<usize>,
+    /// Least hybrid score of an excerpt, in [0, 1] (default: BENCHMARKS.md, "Knowledge base").
+    pub min_score: Option<f32>,
+    /// User turns that form the retrieval question (default 1: the last user message).
+    pub turns: Option<usize>,
+    /// minijinja template of the injected system message (sees `excerpts` and `question`).
+    pub template: Option<String>,
 }
 
 /// `tenants.NAME.cache`: each setting has a default (BENCHMARKS.md, "Semantic cache").

@@ -184,6 +184,8 @@ pub struct Call<'a> {
     pub cache: CacheUse,
     /// Where the served answer goes for the cache: taken by the candidate that answers.
     pub fill: std::sync::Mutex<Option<Fill>>,
+    /// Knowledge-base excerpts injected into the request.
+    pub kb_chunks: u32,
 }
 
 /// Tries the route's candidates until one answers; relays and meters that answer.
@@ -549,6 +551,7 @@ fn meter(
         fallback: reasons(skipped).map(Arc::from),
         chunks: 0,
         cache: call.cache,
+        kb_chunks: call.kb_chunks,
         permit,
         trace: match spans {
             Some(s) => Some(MeterTrace {

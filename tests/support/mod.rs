@@ -137,6 +137,8 @@ pub struct Options {
     pub embedder: Option<String>,
     /// The answer cache's Redis second level.
     pub cache_l2: Option<fuke::cache::L2Config>,
+    /// The knowledge base (opened by the test).
+    pub kb: Option<Arc<fuke::kb::KnowledgeBase>>,
 }
 
 impl Default for Options {
@@ -148,6 +150,7 @@ impl Default for Options {
             tracing: None,
             embedder: None,
             cache_l2: None,
+            kb: None,
         }
     }
 }
@@ -182,6 +185,8 @@ impl Gateway {
                 health,
                 embedder: opts.embedder,
                 cache,
+                kb_collections: opts.kb.as_ref().map(|k| k.collections()),
+                kb: opts.kb,
                 ..Registry::default()
             }),
         )
