@@ -498,34 +498,32 @@ fn html_blocks(content: &str) -> Vec<Block> {
             }
             continue;
         }
+        let is_heading = matches!(name.as_str(), "h1" | "h2" | "h3" | "h4" | "h5" | "h6");
         match name.as_str() {
-            "script" | "style" | "head" | "template" | "noscript" if !closing => {
-                if !tag.ends_with('/') {
-                    skip = Some(name);
+            "script" | "style" | "head" | "template" | "noscript"
+                if !closing && !tag.ends_with('/') =>
+            {
+                skip = Some(name);
+            }
+            _ if is_heading && closing => {
+                if let Some(level) = heading.take() {
+                    s.heading(level, &text);
+                    text.clear();
                 }
             }
-            "h1" | "h2" | "h3" | "h4" | "h5" | "h6" => {
-                let level = (name.as_bytes()[1] - b'0') as usize;
-                if closing {
-                    if heading.is_some() {
-                        s.heading(level, &text);
-                        text.clear();
-                        heading = None;
-                    }
-                } else {
-                    s.block(&collapse(&text));
-                    text.clear();
-                    heading = Some(level);
-                }
+            _ if is_heading => {
+                s.block(&collapse(&text));
+                text.clear();
+                heading = Some((name.as_bytes()[1] - b'0') as usize);
             }
             "br" => text.push('\n'),
             "p" | "li" | "div" | "section" | "article" | "tr" | "table" | "ul" | "ol" | "dl"
             | "dt" | "dd" | "blockquote" | "pre" | "main" | "header" | "footer" | "body"
-            | "html" | "title" => {
-                if heading.is_none() {
-                    s.block(&collapse_keep_lines(&text));
-                    text.clear();
-                }
+            | "html" | "title"
+                if heading.is_none() =>
+            {
+                s.block(&collapse_keep_lines(&text));
+                text.clear();
             }
             _ => {
                 // Inline elements separate words only where the markup had space.
