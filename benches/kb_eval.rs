@@ -7,7 +7,7 @@
 //! trades answerable questions kept against out-of-scope questions given no context; and
 //! retrieval throughput with the embedding included.
 //!
-//!     cargo run --release --example kb_eval [-- --threads N --queries N]
+//!     cargo run --release --example kb_eval [-- --embedder e5|minilm --threads N --queries N]
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,15 +44,20 @@ async fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let threads: u32 = arg("--threads").and_then(|t| t.parse().ok()).unwrap_or(1);
     let queries: usize = arg("--queries").and_then(|t| t.parse().ok()).unwrap_or(400);
+    // `--embedder minilm` (English, the cache's default) or `e5` (multilingual-e5-small).
+    let which = arg("--embedder").unwrap_or_else(|| "e5".into());
+    let (file, query_prefix, document_prefix) = match which.as_str() {
+        "minilm" => ("all-MiniLM-L6-v2.gguf", "", ""),
+        "e5" => ("multilingual-e5-small.Q4_0.gguf", "query: ", "passage: "),
+        other => panic!("unknown embedder {other}"),
+    };
     let local = LocalModels::load(&[LocalModelConfig {
         threads,
-        ..LocalModelConfig::defaults(
-            "minilm",
-            root.join("models/all-MiniLM-L6-v2.gguf"),
-            LocalKind::Embedding,
-        )
+        query_prefix: query_prefix.into(),
+        document_prefix: document_prefix.into(),
+        ..LocalModelConfig::defaults(&which, root.join("models").join(file), LocalKind::Embedding)
     }]);
-    let embedder = local.embedder("minilm").expect("run scripts/models.sh");
+    let embedder = local.embedder(&which).expect("run scripts/models.sh");
     let data = root.join("target/kb_eval");
     let _ = std::fs::remove_dir_all(&data);
     let kb = KnowledgeBase::open(
@@ -62,6 +67,7 @@ async fn main() {
             budget: fuke::kb::chunk::Budget::default(),
             keyword_weight: fuke::kb::DEFAULT_KEYWORD_WEIGHT,
             keyword_weight_cjk: fuke::kb::DEFAULT_KEYWORD_WEIGHT_CJK,
+            embedder: which.clone(),
             watch: false,
             qdrant_url: None,
             qdrant_api_key_env: None,
@@ -74,7 +80,7 @@ async fn main() {
     let summaries = kb.index_all(&|_, _| {}).await;
     let chunks: usize = summaries.iter().map(|s| s.chunks).sum();
     println!(
-        "Indexed {chunks} chunks in {:.2} s (embedder threads: {threads}).\n",
+        "Indexed {chunks} chunks in {:.2} s (embedder {which}, threads: {threads}).\n",
         t.elapsed().as_secs_f64()
     );
     let questions: Vec<Question> =
@@ -111,6 +117,8 @@ async fn main() {
     println!("|---|---|---|---|---|---|");
     let weights = [
         Some(0.0f32),
+        Some(0.05),
+        Some(0.1),
         Some(0.2),
         Some(0.3),
         Some(0.4),
@@ -159,7 +167,7 @@ async fn main() {
                         fuke::kb::DEFAULT_KEYWORD_WEIGHT_CJK
                     )
                 },
-                |w| format!("{w:.1}"),
+                |w| format!("{w:.2}"),
             );
             println!(
                 "| {name} | {lang} | {n} | {:.3} | {:.3} | {:.3} |",
@@ -194,7 +202,7 @@ async fn main() {
         "| min_score | answer injected (of {answerable}) | out-of-scope with no context (of {out_of_scope}) |"
     );
     println!("|---|---|---|");
-    for floor in [0.0f32, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5] {
+    for floor in (0..20).map(|i| i as f32 * 0.05) {
         let kept = top_scores
             .iter()
             .filter(|t| !t.0 && t.2.is_some_and(|s| s >= floor))

@@ -40,6 +40,8 @@ pub struct Embedder {
     max_tokens: usize,
     /// Name, dimensions and file size: stored vectors from another model are not reused.
     fingerprint: String,
+    query_prefix: String,
+    document_prefix: String,
 }
 
 /// Most inputs in one `/v1/embeddings` request (OpenAI's limit).
@@ -91,7 +93,15 @@ impl Embedder {
             .map_err(|_| "the embedding thread stopped".to_string())??;
         let file_len = std::fs::metadata(&cfg.path).map_or(0, |m| m.len());
         Ok(Embedder {
-            fingerprint: format!("{}:{}:{file_len}", cfg.name, model.n_embd()),
+            fingerprint: format!(
+                "{}:{}:{file_len}:{}:{}",
+                cfg.name,
+                model.n_embd(),
+                cfg.query_prefix,
+                cfg.document_prefix
+            ),
+            query_prefix: cfg.query_prefix.clone(),
+            document_prefix: cfg.document_prefix.clone(),
             name: cfg.name.clone(),
             dims: model.n_embd() as usize,
             model,
@@ -109,7 +119,27 @@ impl Embedder {
         &self.name
     }
 
-    /// What identifies this model's vectors: name, dimensions and model file size.
+    /// Embeddings of questions (the model's query prefix put first): what the cache compares
+    /// and the knowledge base searches with.
+    pub async fn embed_queries(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error> {
+        self.embed_prefixed(&self.query_prefix, texts).await
+    }
+
+    /// Embeddings of documents (the model's document prefix put first).
+    pub async fn embed_documents(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error> {
+        self.embed_prefixed(&self.document_prefix, texts).await
+    }
+
+    async fn embed_prefixed(&self, prefix: &str, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error> {
+        if prefix.is_empty() {
+            return self.embed(texts).await;
+        }
+        let owned: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
+        let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+        self.embed(&refs).await
+    }
+
+    /// What identifies this model's vectors: name, dimensions, model file size and prefixes.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }

@@ -179,10 +179,7 @@ async fn open_kb(config: &Config) -> anyhow::Result<Arc<fuke::kb::KnowledgeBase>
         .kb
         .clone()
         .context("fuke.yaml has no `kb:` section")?;
-    let name = config
-        .embedder
-        .clone()
-        .context("fuke.yaml has no `embedder:`")?;
+    let name = kb_cfg.embedder.clone();
     let configs: Vec<_> = config
         .local_models
         .iter()
@@ -325,7 +322,7 @@ async fn serve_async(
     let kb = match &config.kb {
         None => None,
         Some(kb_cfg) => {
-            let name = config.embedder.clone().unwrap_or_default();
+            let name = kb_cfg.embedder.clone();
             let embedder = local.embedder(&name).with_context(|| {
                 format!("the knowledge base needs the embedding model `{name}`, which did not load")
             })?;

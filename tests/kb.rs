@@ -28,6 +28,24 @@ static MODELS: LazyLock<LocalModels> = LazyLock::new(|| {
     }])
 });
 
+/// multilingual-e5-small (scripts/models.sh), with the prefixes E5 was trained with.
+static E5: LazyLock<LocalModels> = LazyLock::new(|| {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join("multilingual-e5-small.Q4_0.gguf");
+    assert!(
+        path.is_file(),
+        "{} missing: run scripts/models.sh",
+        path.display()
+    );
+    LocalModels::load(&[LocalModelConfig {
+        threads: 1,
+        query_prefix: "query: ".into(),
+        document_prefix: "passage: ".into(),
+        ..LocalModelConfig::defaults("e5", path, LocalKind::Embedding)
+    }])
+});
+
 const ORDERS: &str = "# Orders\n\n## Cancelling an order\nYou can cancel an order within 2 hours of placing it from the Orders page. After it ships, return it instead.\n\n## Order status\nThe Orders page shows each order as processing, shipped or delivered.\n";
 const REFUNDS: &str = "# Refunds\n\n## Refund timing\nRefunds reach credit cards within 5 to 7 business days after we receive the return.\n\n## Damaged items\nSend a photo of the damage within 48 hours and we replace the item for free.\n";
 const INTERNAL: &str = "# Internal\n\n## Staff discount code\nEmployees use the code STAFF-7788 for forty percent off refunds processing fees.\n";
@@ -57,8 +75,10 @@ impl Fixture {
             dir: self.kb_dir.clone(),
             data_dir: self.data_dir.clone(),
             budget: Budget::default(),
-            keyword_weight: fuke::kb::DEFAULT_KEYWORD_WEIGHT,
-            keyword_weight_cjk: fuke::kb::DEFAULT_KEYWORD_WEIGHT_CJK,
+            // MiniLM's weights (BENCHMARKS.md, "Knowledge base").
+            keyword_weight: 0.3,
+            keyword_weight_cjk: 0.7,
+            embedder: "minilm".into(),
             watch: true,
             qdrant_url: std::env::var("QDRANT_URL").ok(),
             qdrant_api_key_env: None,
@@ -251,7 +271,7 @@ models:
 tenants:
   acme:
     models: [gpt]
-    kb: {{ collections: [faq], top_k: 2 }}
+    kb: {{ collections: [faq], top_k: 2, min_score: 0.3 }}
     cache: {{ sampled: true }}
     keys:
       - {{ id: acme-key, sha256: {acme} }}
@@ -515,4 +535,39 @@ fn the_cli_indexes_searches_and_reports() {
             .any(|l| l.starts_with("faq") && l.contains(" 2 ") && l.contains(" 4 ")),
         "{out}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_multilingual_embedder_finds_chinese_paraphrases_without_shared_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let kb_dir = dir.path().join("kb");
+    write(
+        &kb_dir.join("zh/账户.md"),
+        "# 账户帮助\n\n## 注销账户\n在“账户设置”里选择“注销”，确认后三十天内所有数据会被永久清除。\n\n## 找回密码\n在登录页点“忘记密码”，用短信验证码设置新密码。\n\n## 申请发票\n订单完成后可在订单详情页开具电子发票。\n",
+    );
+    let cfg = KbConfig {
+        dir: kb_dir,
+        data_dir: dir.path().join("data"),
+        budget: Budget::default(),
+        // Vectors only: the keyword signal cannot help here, no words are shared.
+        keyword_weight: 0.0,
+        keyword_weight_cjk: 0.0,
+        embedder: "e5".into(),
+        watch: false,
+        qdrant_url: None,
+        qdrant_api_key_env: None,
+    };
+    let kb = KnowledgeBase::open(cfg, E5.embedder("e5").unwrap())
+        .await
+        .unwrap();
+    let s = kb.index("zh", &|_| {}).await.unwrap();
+    assert_eq!(s.embedded, 3);
+    for (q, want) in [
+        ("我要把账号彻底删掉", "注销账户"),
+        ("登录时想不起来口令了", "找回密码"),
+        ("买完东西怎么要报销凭证", "申请发票"),
+    ] {
+        let hits = kb.search(&names(&["zh"]), q, 1, 0.0).await.unwrap();
+        assert_eq!(hits[0].chunk.headings.last().unwrap(), want, "{q}");
+    }
 }

@@ -69,6 +69,10 @@ pub struct LocalModelConfig {
     /// them all, so using every core collapses throughput as soon as anything else runs.
     pub threads: u32,
     pub gpu_layers: u32,
+    /// Embedding models trained with instructions (E5: `"query: "`, `"passage: "`): what the
+    /// cache and knowledge base put before questions and before documents.
+    pub query_prefix: String,
+    pub document_prefix: String,
 }
 
 impl LocalModelConfig {
@@ -87,6 +91,8 @@ impl LocalModelConfig {
             queue: 64,
             threads: (cores / 2).max(1),
             gpu_layers: 0,
+            query_prefix: String::new(),
+            document_prefix: String::new(),
         }
     }
 }

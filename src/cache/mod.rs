@@ -354,7 +354,7 @@ impl Store {
             && cache.has_vectors(&plan.scope)
             && let (Some(e), Some(q)) = (&embedder, &plan.question)
         {
-            match e.embed(&[q.as_str()]).await {
+            match e.embed_queries(&[q.as_str()]).await {
                 Ok(mut v) => vector = v.pop(),
                 Err(err) => {
                     tracing::warn!(error = %err, "cache: question not embedded; exact level only")
@@ -489,7 +489,11 @@ impl Fill {
         if vector.is_none()
             && let (Some(e), Some(q)) = (&self.embedder, &self.question)
         {
-            vector = e.embed(&[q.as_str()]).await.ok().and_then(|mut v| v.pop());
+            vector = e
+                .embed_queries(&[q.as_str()])
+                .await
+                .ok()
+                .and_then(|mut v| v.pop());
         }
         answer.question = self.normalized;
         let entry = Entry::new(answer, vector.as_deref());

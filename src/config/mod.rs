@@ -52,6 +52,8 @@ struct RawKbConfig {
     keyword_weight: Option<f32>,
     /// The same for Chinese, Japanese and Korean questions (default 0.7).
     keyword_weight_cjk: Option<f32>,
+    /// The embedding model of the knowledge base (default: the top-level `embedder`).
+    embedder: Option<String>,
     /// Re-index a collection when its files change (default true).
     watch: Option<bool>,
     /// Keep vectors in Qdrant (gRPC URL, e.g. http://127.0.0.1:6334).
@@ -84,6 +86,10 @@ struct RawLocalModel {
     threads: Option<u32>,
     /// Layers offloaded to the GPU (builds with the `cuda` feature).
     gpu_layers: Option<u32>,
+    /// Embedding models: text put before questions (E5: "query: ").
+    query_prefix: Option<String>,
+    /// Embedding models: text put before documents (E5: "passage: ").
+    document_prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,6 +284,8 @@ impl Config {
                 queue: m.queue.unwrap_or(defaults.queue),
                 threads: m.threads.unwrap_or(defaults.threads),
                 gpu_layers: m.gpu_layers.unwrap_or(defaults.gpu_layers),
+                query_prefix: m.query_prefix.clone().unwrap_or_default(),
+                document_prefix: m.document_prefix.clone().unwrap_or_default(),
                 ..defaults
             };
             for (field, value, min, max) in [
@@ -359,16 +367,31 @@ impl Config {
                     .keyword_weight_cjk
                     .unwrap_or(crate::kb::DEFAULT_KEYWORD_WEIGHT_CJK),
                 watch: k.watch.unwrap_or(true),
+                embedder: k
+                    .embedder
+                    .clone()
+                    .or_else(|| raw.embedder.clone())
+                    .unwrap_or_default(),
                 qdrant_url: k.qdrant_url.clone(),
                 qdrant_api_key_env: k.qdrant_api_key_env.clone(),
             }
         });
         if let Some(k) = &kb {
-            if raw.embedder.is_none() {
-                add(
+            match local_models.iter().find(|m| m.name == k.embedder) {
+                Some(m) if m.kind == LocalKind::Embedding => {}
+                Some(_) => add(
+                    "kb.embedder".into(),
+                    format!("local model `{}` is not of kind `embedding`", k.embedder),
+                ),
+                None if k.embedder.is_empty() => add(
                     "kb".into(),
-                    "the knowledge base needs `embedder:` (a local embedding model)".into(),
-                );
+                    "the knowledge base needs an embedding model: `kb.embedder` or `embedder`"
+                        .into(),
+                ),
+                None => add(
+                    "kb.embedder".into(),
+                    format!("no local model `{}` under local_models", k.embedder),
+                ),
             }
             if !k.dir.is_dir() {
                 add(

@@ -46,6 +46,8 @@ pub struct KbConfig {
     pub keyword_weight_cjk: f32,
     /// Re-index a collection when its files change.
     pub watch: bool,
+    /// The local embedding model (by name) of the knowledge base.
+    pub embedder: String,
     /// Keep vectors in Qdrant (gRPC URL, e.g. `http://127.0.0.1:6334`).
     pub qdrant_url: Option<String>,
     /// Name of the environment variable holding Qdrant's API key.
@@ -54,11 +56,14 @@ pub struct KbConfig {
 
 /// Default excerpts per question.
 pub const DEFAULT_TOP_K: usize = 3;
-/// Default least hybrid score of an excerpt (BENCHMARKS.md, "Knowledge base").
-pub const DEFAULT_MIN_SCORE: f32 = 0.3;
-/// Default keyword weights: BENCHMARKS.md, "Knowledge base", shows the sweep they come from.
-pub const DEFAULT_KEYWORD_WEIGHT: f32 = 0.3;
-pub const DEFAULT_KEYWORD_WEIGHT_CJK: f32 = 0.7;
+/// Default least hybrid score of an excerpt, for multilingual-e5-small, whose cosines are high
+/// even for unrelated text (BENCHMARKS.md, "Knowledge base"; with MiniLM, 0.3).
+pub const DEFAULT_MIN_SCORE: f32 = 0.8;
+/// Default keyword weights, for the multilingual-e5-small embedder the demo ships: its cosines
+/// already rank Chinese and English well, and keywords add little (BENCHMARKS.md, "Knowledge
+/// base", has the sweep; with the English MiniLM, 0.3 and 0.7 are best).
+pub const DEFAULT_KEYWORD_WEIGHT: f32 = 0.05;
+pub const DEFAULT_KEYWORD_WEIGHT_CJK: f32 = 0.05;
 /// BM25 scores become `s / (s + LEX_HALF)` in 0..1: a score of `LEX_HALF` counts half.
 pub const LEX_HALF: f32 = 8.0;
 /// Vector candidates considered per collection before fusion.
@@ -466,7 +471,7 @@ impl KnowledgeBase {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let vs = self
                 .embedder
-                .embed(&refs)
+                .embed_documents(&refs)
                 .await
                 .map_err(|e| format!("embedding failed: {e}"))?;
             for (&i, v) in batch.iter().zip(vs) {
@@ -547,7 +552,7 @@ impl KnowledgeBase {
         self.counters.searches.fetch_add(1, Ordering::Relaxed);
         let query = if keyword_weight < 1.0 {
             self.embedder
-                .embed(&[question])
+                .embed_queries(&[question])
                 .await?
                 .pop()
                 .unwrap_or_default()
