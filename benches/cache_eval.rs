@@ -3,6 +3,7 @@
 //! (all-MiniLM-L6-v2 through llama.cpp) and the cache's own guards and vector search.
 //!
 //!   cargo run --release --example cache_eval [-- --model models/all-MiniLM-L6-v2.gguf]
+//!   [--query-prefix "query: "]   (for E5 models such as models/multilingual-e5-small.Q4_0.gguf)
 //!
 //! Data: `benches/cache_eval/pairs_{en,zh}.jsonl`, one pair per line: `a` (the cached question),
 //! `b` (the new one), `kind` = paraphrase (must hit) or near_miss (must not).
@@ -138,8 +139,8 @@ async fn external(embedder: &fuke::embed::Embedder, path: &PathBuf) {
     for chunk in rows.chunks(32) {
         let a: Vec<&str> = chunk.iter().map(|r| r.a.as_str()).collect();
         let b: Vec<&str> = chunk.iter().map(|r| r.b.as_str()).collect();
-        let va = embedder.embed(&a).await.expect("embeds");
-        let vb = embedder.embed(&b).await.expect("embeds");
+        let va = embedder.embed_queries(&a).await.expect("embeds");
+        let vb = embedder.embed_queries(&b).await.expect("embeds");
         sims.extend(va.iter().zip(&vb).map(|(x, y)| fuke::vectors::dot(x, y)));
     }
     if std::env::var_os("CACHE_EVAL_MISSES").is_some() {
@@ -234,8 +235,16 @@ async fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("models/all-MiniLM-L6-v2.gguf"));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    // E5 models want `--query-prefix "query: "` (the cache embeds questions only).
+    let query_prefix = args
+        .iter()
+        .position(|a| a == "--query-prefix")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_default();
     let models = LocalModels::load(&[LocalModelConfig {
         threads,
+        query_prefix,
         ..LocalModelConfig::defaults("embed", model.clone(), LocalKind::Embedding)
     }]);
     let embedder = models.embedder("embed").expect("embedding model loads");
@@ -246,11 +255,11 @@ async fn main() {
             "how can I reset my password",
             "Question 1-2: can you explain item 2 on my invoice?",
         ] {
-            let _ = embedder.embed(&[q]).await;
+            let _ = embedder.embed_queries(&[q]).await;
             let mut times = Vec::with_capacity(200);
             for _ in 0..200 {
                 let t = std::time::Instant::now();
-                embedder.embed(&[q]).await.expect("embeds");
+                embedder.embed_queries(&[q]).await.expect("embeds");
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             times.sort_by(f64::total_cmp);
@@ -277,7 +286,7 @@ async fn main() {
             index.insert(id, &v);
         }
         let q = embedder
-            .embed(&["how can I reset my password"])
+            .embed_queries(&["how can I reset my password"])
             .await
             .expect("embeds");
         let mut times = Vec::with_capacity(200);
@@ -302,8 +311,8 @@ async fn main() {
         for chunk in pairs.chunks(32) {
             let a: Vec<&str> = chunk.iter().map(|p| p.a.as_str()).collect();
             let b: Vec<&str> = chunk.iter().map(|p| p.b.as_str()).collect();
-            va.extend(embedder.embed(&a).await.expect("embeds"));
-            vb.extend(embedder.embed(&b).await.expect("embeds"));
+            va.extend(embedder.embed_queries(&a).await.expect("embeds"));
+            vb.extend(embedder.embed_queries(&b).await.expect("embeds"));
         }
         sets.push(Set {
             lang,
