@@ -35,6 +35,8 @@ COPY --from=build /src/target/release/fuke /usr/local/bin/fuke
 COPY --from=models /src/models models
 COPY deploy/compose/fuke.yaml fuke.yaml
 COPY policies policies
+COPY kb kb
+RUN mkdir -p data && chown fuke:fuke data
 USER fuke
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s CMD curl -fsS http://127.0.0.1:8080/healthz || exit 1

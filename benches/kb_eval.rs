@@ -71,6 +71,7 @@ async fn main() {
             watch: false,
             qdrant_url: None,
             qdrant_api_key_env: None,
+            qdrant_prefix: String::new(),
         },
         embedder,
     )

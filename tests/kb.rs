@@ -51,6 +51,7 @@ const REFUNDS: &str = "# Refunds\n\n## Refund timing\nRefunds reach credit cards
 const INTERNAL: &str = "# Internal\n\n## Staff discount code\nEmployees use the code STAFF-7788 for forty percent off refunds processing fees.\n";
 
 struct Fixture {
+    qdrant_prefix: String,
     _dir: tempfile::TempDir,
     kb_dir: PathBuf,
     data_dir: PathBuf,
@@ -64,6 +65,7 @@ impl Fixture {
         write(&kb_dir.join("faq/refunds.md"), REFUNDS);
         write(&kb_dir.join("internal/staff.md"), INTERNAL);
         Fixture {
+            qdrant_prefix: format!("fuke_test_{}_", rand::random::<u32>()),
             kb_dir,
             data_dir: dir.path().join("data"),
             _dir: dir,
@@ -80,8 +82,11 @@ impl Fixture {
             keyword_weight_cjk: 0.7,
             embedder: "minilm".into(),
             watch: true,
+            // With QDRANT_URL set (a real Qdrant's gRPC URL), every test of the fixture runs
+            // with the vectors in Qdrant, each in collections of its own.
             qdrant_url: std::env::var("QDRANT_URL").ok(),
             qdrant_api_key_env: None,
+            qdrant_prefix: self.qdrant_prefix.clone(),
         }
     }
 
@@ -556,6 +561,7 @@ async fn the_multilingual_embedder_finds_chinese_paraphrases_without_shared_word
         watch: false,
         qdrant_url: None,
         qdrant_api_key_env: None,
+        qdrant_prefix: String::new(),
     };
     let kb = KnowledgeBase::open(cfg, E5.embedder("e5").unwrap())
         .await
@@ -570,4 +576,22 @@ async fn the_multilingual_embedder_finds_chinese_paraphrases_without_shared_word
         let hits = kb.search(&names(&["zh"]), q, 1, 0.0).await.unwrap();
         assert_eq!(hits[0].chunk.headings.last().unwrap(), want, "{q}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_qdrant_leaves_the_local_copy_answering() {
+    let f = Fixture::new();
+    let mut cfg = f.config();
+    // Nothing listens on the discard port: every Qdrant call fails.
+    cfg.qdrant_url = Some("http://127.0.0.1:9".into());
+    let kb = KnowledgeBase::open(cfg, MODELS.embedder("minilm").unwrap())
+        .await
+        .unwrap();
+    let s = kb.index("faq", &|_| {}).await.unwrap();
+    assert_eq!((s.chunks, s.embedded), (4, 4));
+    assert_eq!(kb.generation("faq").unwrap().id, s.generation);
+    assert_eq!(
+        top(&kb, &["faq"], "my parcel arrived broken").await[0],
+        "faq/refunds.md#1"
+    );
 }

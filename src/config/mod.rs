@@ -60,6 +60,8 @@ struct RawKbConfig {
     qdrant_url: Option<String>,
     /// Name of the variable that holds Qdrant's API key.
     qdrant_api_key_env: Option<String>,
+    /// Prefix of the Qdrant collection names (default `fuke_`).
+    qdrant_prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,6 +376,7 @@ impl Config {
                     .unwrap_or_default(),
                 qdrant_url: k.qdrant_url.clone(),
                 qdrant_api_key_env: k.qdrant_api_key_env.clone(),
+                qdrant_prefix: k.qdrant_prefix.clone().unwrap_or_else(|| "fuke_".into()),
             }
         });
         if let Some(k) = &kb {

@@ -52,6 +52,8 @@ pub struct KbConfig {
     pub qdrant_url: Option<String>,
     /// Name of the environment variable holding Qdrant's API key.
     pub qdrant_api_key_env: Option<String>,
+    /// Qdrant collection names are this prefix plus the KB collection's name.
+    pub qdrant_prefix: String,
 }
 
 /// Default excerpts per question.
@@ -218,6 +220,7 @@ pub struct KbCounters {
     pub index_failures: AtomicU64,
     pub searches: AtomicU64,
     pub search_failures: AtomicU64,
+    pub qdrant_failures: AtomicU64,
 }
 
 pub struct KnowledgeBase {
@@ -268,6 +271,7 @@ impl KnowledgeBase {
             Some(url) => Some(qdrant::Remote::connect(
                 url,
                 cfg.qdrant_api_key_env.as_deref(),
+                &cfg.qdrant_prefix,
             )?),
             None => None,
         };
@@ -499,10 +503,18 @@ impl KnowledgeBase {
         {
             return Ok(summary);
         }
+        let mut upserted = false;
         if let Some(q) = &self.qdrant {
             // New points first; queries only accept points of the generation they hold, so the
-            // old generation keeps answering correctly until the switch.
-            q.upsert(&next, dims).await?;
+            // old generation keeps answering correctly until the switch. Qdrant being down does
+            // not stop the index: the local copy answers until a later run gets through.
+            match q.upsert(&next, dims).await {
+                Ok(()) => upserted = true,
+                Err(e) => {
+                    coll.qdrant_synced.store(false, Ordering::Relaxed);
+                    tracing::warn!(collection = %coll.name, error = %e, "writing to Qdrant failed; searching the local copy until a later index run succeeds");
+                }
+            }
         }
         store::save(
             &self.store_path(&coll.name),
@@ -511,7 +523,7 @@ impl KnowledgeBase {
         )
         .map_err(|e| format!("saving the index: {e}"))?;
         coll.current.store(Arc::new(next));
-        if let Some(q) = &self.qdrant {
+        if let Some(q) = self.qdrant.as_ref().filter(|_| upserted) {
             coll.qdrant_synced.store(true, Ordering::Relaxed);
             let current = coll.current.load_full();
             if let Err(e) = q.remove_stale(&old, &current).await {
@@ -570,12 +582,25 @@ impl KnowledgeBase {
             }
             let mut candidates: Vec<usize> = Vec::new();
             if !query.is_empty() {
-                // Qdrant answers once it holds this generation; until then the local copy does.
-                match &self.qdrant {
-                    Some(q) if coll.qdrant_synced.load(Ordering::Relaxed) => {
-                        candidates.extend(q.search(&g, &query, VECTOR_CANDIDATES).await?)
+                // Qdrant answers once it holds this generation; until then, and whenever it
+                // fails, the local copy does.
+                let mut from_qdrant = None;
+                if let Some(q) = &self.qdrant
+                    && coll.qdrant_synced.load(Ordering::Relaxed)
+                {
+                    match q.search(&g, &query, VECTOR_CANDIDATES).await {
+                        Ok(found) => from_qdrant = Some(found),
+                        Err(e) => {
+                            self.counters
+                                .qdrant_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(collection = %coll.name, error = %e, "Qdrant search failed; using the local copy");
+                        }
                     }
-                    _ => candidates.extend(
+                }
+                match from_qdrant {
+                    Some(found) => candidates.extend(found),
+                    None => candidates.extend(
                         g.vectors
                             .search(&query, VECTOR_CANDIDATES, -1.0)
                             .into_iter()

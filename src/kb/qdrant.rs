@@ -1,5 +1,5 @@
 //! Qdrant as the vector store of the knowledge base (`kb.qdrant_url` in fuke.yaml): one Qdrant
-//! collection `fuke_<collection>` per KB collection, one point per chunk. Point ids are derived
+//! collection `<qdrant_prefix><collection>` (default `fuke_`) per KB collection, one point per chunk. Point ids are derived
 //! from the chunk (source, ordinal, content hash), so an unchanged chunk keeps its point and an
 //! index run only upserts what is new. Queries map points back through the generation they
 //! hold: a point that is not in it (written for the next generation, or left from an older
@@ -20,9 +20,11 @@ use crate::error::Error;
 
 pub struct Remote {
     client: Qdrant,
+    prefix: String,
 }
 
 const UPSERT_BATCH: usize = 256;
+const SEARCH_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
 
 pub fn point_id(c: &Chunk) -> u64 {
     let mut h = Sha256::new();
@@ -32,10 +34,6 @@ pub fn point_id(c: &Chunk) -> u64 {
     h.update(c.hash);
     let d = h.finalize();
     u64::from_le_bytes(d[..8].try_into().unwrap_or_default())
-}
-
-fn name_of(collection: &str) -> String {
-    format!("fuke_{collection}")
 }
 
 fn ids(g: &Generation) -> &HashMap<u64, usize> {
@@ -49,7 +47,7 @@ fn ids(g: &Generation) -> &HashMap<u64, usize> {
 }
 
 impl Remote {
-    pub fn connect(url: &str, api_key_env: Option<&str>) -> Result<Remote, String> {
+    pub fn connect(url: &str, api_key_env: Option<&str>, prefix: &str) -> Result<Remote, String> {
         let key = match api_key_env {
             Some(var) => Some(
                 std::env::var(var)
@@ -59,15 +57,24 @@ impl Remote {
         };
         let client = Qdrant::from_url(url)
             .api_key(key)
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(std::time::Duration::from_secs(30))
             .build()
             .map_err(|e| format!("kb.qdrant_url: {e}"))?;
-        Ok(Remote { client })
+        Ok(Remote {
+            client,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    fn name_of(&self, collection: &str) -> String {
+        format!("{}{collection}", self.prefix)
     }
 
     /// Creates the collection if needed and writes every point of `g` (payload: source, heading
     /// trail, content hash, text).
     pub async fn upsert(&self, g: &Generation, dims: usize) -> Result<(), String> {
-        let name = name_of(&g.collection);
+        let name = self.name_of(&g.collection);
         let exists = self
             .client
             .collection_exists(&name)
@@ -122,7 +129,7 @@ impl Remote {
         if stale.is_empty() {
             return Ok(());
         }
-        let name = name_of(&current.collection);
+        let name = self.name_of(&current.collection);
         self.client
             .delete_points(
                 DeletePointsBuilder::new(&name)
@@ -141,19 +148,23 @@ impl Remote {
         query: &[f32],
         limit: usize,
     ) -> Result<Vec<usize>, Error> {
-        let name = name_of(&g.collection);
-        let found = self
-            .client
-            .search_points(SearchPointsBuilder::new(
+        let name = self.name_of(&g.collection);
+        let unavailable = |detail: String| Error::Unavailable {
+            message: "The knowledge base's vector store is unavailable.".into(),
+            detail,
+        };
+        // A request waits this long for Qdrant at most; then the local copy answers.
+        let found = tokio::time::timeout(
+            SEARCH_TIMEOUT,
+            self.client.search_points(SearchPointsBuilder::new(
                 &name,
                 query.to_vec(),
                 limit as u64,
-            ))
-            .await
-            .map_err(|e| Error::Unavailable {
-                message: "The knowledge base's vector store is unavailable.".into(),
-                detail: format!("Qdrant: {e}"),
-            })?;
+            )),
+        )
+        .await
+        .map_err(|_| unavailable(format!("Qdrant: no answer within {SEARCH_TIMEOUT:?}")))?
+        .map_err(|e| unavailable(format!("Qdrant: {e}")))?;
         let map = ids(g);
         Ok(found
             .result
