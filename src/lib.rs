@@ -9,6 +9,7 @@
 //!   -> policy: model allowed? rate limit                               app, limits
 //!   -> body: size cap, parse only what we act on, rewrite model        proxy, openai
 //!   -> cache: exact, then semantic, in the tenant's scope --hit--> replay  cache, vectors
+//!   -> knowledge base: granted collections searched, excerpts injected   kb
 //!   -> route: candidates in order; breakers; first-token deadline       routing
 //!   -> backend: remote OpenAI-compatible server (pooled, rustls),       backends
 //!      or a local GGUF model in-process (llama.cpp, batched)            backends::local, embed
@@ -31,6 +32,7 @@
 //! - [`backends`] — the backend trait, remote upstreams and local llama.cpp models.
 //! - [`cache`] — the exact and semantic answer cache (moka, per tenant).
 //! - [`vectors`] — exact vector search shared by the cache and the knowledge base.
+//! - [`kb`] — the knowledge base: chunking, incremental index, hybrid retrieval, injection.
 //! - [`embed`] — local embeddings (`/v1/embeddings` and the vectors cache and KB use).
 //! - [`limits`] — in-process rate limits.
 //! - [`metering`] — usage events and sinks.
