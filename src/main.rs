@@ -187,9 +187,18 @@ async fn open_kb(config: &Config) -> anyhow::Result<Arc<fuke::kb::KnowledgeBase>
         .cloned()
         .collect();
     let local = tokio::task::spawn_blocking(move || LocalModels::load(&configs)).await?;
-    let embedder = local
-        .embedder(&name)
-        .with_context(|| format!("the embedding model `{name}` did not load"))?;
+    open_kb_with(kb_cfg, &local).await
+}
+
+/// Opens the knowledge base with its embedding model from `local`.
+async fn open_kb_with(
+    kb_cfg: fuke::kb::KbConfig,
+    local: &LocalModels,
+) -> anyhow::Result<Arc<fuke::kb::KnowledgeBase>> {
+    let name = kb_cfg.embedder.clone();
+    let embedder = local.embedder(&name).with_context(|| {
+        format!("the knowledge base needs the embedding model `{name}`, which did not load")
+    })?;
     fuke::kb::KnowledgeBase::open(kb_cfg, embedder)
         .await
         .map_err(|e| anyhow::anyhow!(e))
@@ -322,13 +331,7 @@ async fn serve_async(
     let kb = match &config.kb {
         None => None,
         Some(kb_cfg) => {
-            let name = kb_cfg.embedder.clone();
-            let embedder = local.embedder(&name).with_context(|| {
-                format!("the knowledge base needs the embedding model `{name}`, which did not load")
-            })?;
-            let kb = fuke::kb::KnowledgeBase::open(kb_cfg.clone(), embedder)
-                .await
-                .map_err(|e| anyhow::anyhow!(e))?;
+            let kb = open_kb_with(kb_cfg.clone(), &local).await?;
             metrics.register_collector(fuke::kb::KbMetrics(kb.clone()));
             Some(kb)
         }

@@ -3,30 +3,17 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use fuke::backends::local::{LocalKind, LocalModelConfig, LocalModels};
+use fuke::backends::local::LocalModels;
 use fuke::cache::CacheUse;
 use http::Method;
 use serde_json::{Value, json};
 use support::*;
 
-static MODELS: LazyLock<LocalModels> = LazyLock::new(|| {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join("all-MiniLM-L6-v2.gguf");
-    assert!(
-        path.is_file(),
-        "{} missing: run scripts/models.sh",
-        path.display()
-    );
-    LocalModels::load(&[LocalModelConfig {
-        threads: 1,
-        ..LocalModelConfig::defaults("minilm", path, LocalKind::Embedding)
-    }])
-});
+static MODELS: LazyLock<LocalModels> =
+    LazyLock::new(|| embedding_model("minilm", "all-MiniLM-L6-v2.gguf", "", ""));
 
 const KEY_SHORT: &str = "fk-test-short-ttl-0010";
 const KEY_STRICT: &str = "fk-test-strict-0011";

@@ -7,43 +7,23 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use fuke::backends::local::{LocalKind, LocalModelConfig, LocalModels};
+use fuke::backends::local::LocalModels;
 use fuke::kb::chunk::Budget;
 use fuke::kb::{KbConfig, KnowledgeBase};
 use serde_json::{Value, json};
 use support::*;
 
-static MODELS: LazyLock<LocalModels> = LazyLock::new(|| {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join("all-MiniLM-L6-v2.gguf");
-    assert!(
-        path.is_file(),
-        "{} missing: run scripts/models.sh",
-        path.display()
-    );
-    LocalModels::load(&[LocalModelConfig {
-        threads: 1,
-        ..LocalModelConfig::defaults("minilm", path, LocalKind::Embedding)
-    }])
-});
+static MODELS: LazyLock<LocalModels> =
+    LazyLock::new(|| embedding_model("minilm", "all-MiniLM-L6-v2.gguf", "", ""));
 
 /// multilingual-e5-small (scripts/models.sh), with the prefixes E5 was trained with.
 static E5: LazyLock<LocalModels> = LazyLock::new(|| {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join("multilingual-e5-small.Q4_0.gguf");
-    assert!(
-        path.is_file(),
-        "{} missing: run scripts/models.sh",
-        path.display()
-    );
-    LocalModels::load(&[LocalModelConfig {
-        threads: 1,
-        query_prefix: "query: ".into(),
-        document_prefix: "passage: ".into(),
-        ..LocalModelConfig::defaults("e5", path, LocalKind::Embedding)
-    }])
+    embedding_model(
+        "e5",
+        "multilingual-e5-small.Q4_0.gguf",
+        "query: ",
+        "passage: ",
+    )
 });
 
 const ORDERS: &str = "# Orders\n\n## Cancelling an order\nYou can cancel an order within 2 hours of placing it from the Orders page. After it ships, return it instead.\n\n## Order status\nThe Orders page shows each order as processing, shipped or delivered.\n";

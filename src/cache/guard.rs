@@ -23,17 +23,19 @@ pub fn agree(a: &str, b: &str) -> bool {
 pub fn is_cjk(q: &str) -> bool {
     let (mut cjk, mut latin) = (0usize, 0usize);
     for c in q.chars() {
-        match c as u32 {
-            0x3040..=0x30FF
-            | 0x3400..=0x4DBF
-            | 0x4E00..=0x9FFF
-            | 0xAC00..=0xD7AF
-            | 0xF900..=0xFAFF => cjk += 1,
-            _ if c.is_ascii_alphabetic() => latin += 1,
-            _ => {}
+        if is_cjk_char(c) {
+            cjk += 1;
+        } else if c.is_ascii_alphabetic() {
+            latin += 1;
         }
     }
     cjk >= 2 && cjk * 4 >= latin
+}
+
+/// Kana, CJK ideographs (with extension A and compatibility ideographs) and Hangul syllables.
+pub fn is_cjk_char(c: char) -> bool {
+    matches!(c as u32,
+        0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xAC00..=0xD7AF | 0xF900..=0xFAFF)
 }
 
 /// Function words: they carry no intent of their own.

@@ -64,6 +64,15 @@ struct RawKbConfig {
     qdrant_prefix: Option<String>,
 }
 
+/// What is wrong with naming `name` as an embedding model, if anything.
+fn embedder_problem(local_models: &[LocalModelConfig], name: &str) -> Option<String> {
+    match local_models.iter().find(|m| m.name == name) {
+        Some(m) if m.kind == LocalKind::Embedding => None,
+        Some(_) => Some(format!("local model `{name}` is not of kind `embedding`")),
+        None => Some(format!("no local model `{name}` under local_models")),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCacheConfig {
@@ -313,18 +322,10 @@ impl Config {
                 None
             }
         };
-        if let Some(name) = &raw.embedder {
-            match local_models.iter().find(|m| &m.name == name) {
-                Some(m) if m.kind == LocalKind::Embedding => {}
-                Some(_) => add(
-                    "embedder".into(),
-                    format!("local model `{name}` is not of kind `embedding`"),
-                ),
-                None => add(
-                    "embedder".into(),
-                    format!("no local model `{name}` under local_models"),
-                ),
-            }
+        if let Some(name) = &raw.embedder
+            && let Some(problem) = embedder_problem(&local_models, name)
+        {
+            add("embedder".into(), problem);
         }
         let cache_l2 = match raw.cache.as_ref().and_then(|c| c.redis_url.as_ref()) {
             None => None,
@@ -380,21 +381,14 @@ impl Config {
             }
         });
         if let Some(k) = &kb {
-            match local_models.iter().find(|m| m.name == k.embedder) {
-                Some(m) if m.kind == LocalKind::Embedding => {}
-                Some(_) => add(
-                    "kb.embedder".into(),
-                    format!("local model `{}` is not of kind `embedding`", k.embedder),
-                ),
-                None if k.embedder.is_empty() => add(
+            if k.embedder.is_empty() {
+                add(
                     "kb".into(),
                     "the knowledge base needs an embedding model: `kb.embedder` or `embedder`"
                         .into(),
-                ),
-                None => add(
-                    "kb.embedder".into(),
-                    format!("no local model `{}` under local_models", k.embedder),
-                ),
+                );
+            } else if let Some(problem) = embedder_problem(&local_models, &k.embedder) {
+                add("kb.embedder".into(), problem);
             }
             if !k.dir.is_dir() {
                 add(

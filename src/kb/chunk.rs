@@ -272,7 +272,7 @@ pub fn approx_tokens(text: &str) -> usize {
     let mut words = 0usize;
     let mut in_word = false;
     for c in text.chars() {
-        if super::lexical::is_cjk_char(c) {
+        if crate::cache::guard::is_cjk_char(c) {
             cjk += 1;
             in_word = false;
         } else if c.is_alphanumeric() {

@@ -5,10 +5,7 @@
 
 use std::collections::HashMap;
 
-pub fn is_cjk_char(c: char) -> bool {
-    matches!(c as u32,
-        0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xAC00..=0xD7AF | 0xF900..=0xFAFF)
-}
+use crate::cache::guard::is_cjk_char;
 
 const STOPWORDS: &[&str] = &[
     "a", "an", "the", "i", "im", "ive", "me", "my", "mine", "we", "our", "us", "you", "your", "it",

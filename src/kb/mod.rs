@@ -442,29 +442,25 @@ impl KnowledgeBase {
         }
         let dims = self.embedder.dims();
         let mut vectors = FlatIndex::new(dims);
-        let mut todo: Vec<usize> = Vec::new();
-        let mut fresh: HashMap<[u8; 32], usize> = HashMap::new();
+        // Chunks without a stored vector, and the first chunk of each distinct text among them
+        // (the same text twice in one run is embedded once).
+        let mut missing: Vec<usize> = Vec::new();
+        let mut unique: Vec<usize> = Vec::new();
+        let mut seen: std::collections::HashSet<[u8; 32]> = std::collections::HashSet::new();
         for (i, c) in chunks.iter().enumerate() {
             match known.get(&c.hash).and_then(|&j| old.vector(j)) {
                 Some(v) => {
                     vectors.insert(i as u64, v);
                     summary.reused += 1;
                 }
-                None => match fresh.get(&c.hash) {
-                    // The same text twice in this run: embedded once.
-                    Some(_) => todo.push(i),
-                    None => {
-                        fresh.insert(c.hash, i);
-                        todo.push(i);
+                None => {
+                    missing.push(i);
+                    if seen.insert(c.hash) {
+                        unique.push(i);
                     }
-                },
+                }
             }
         }
-        let unique: Vec<usize> = todo
-            .iter()
-            .copied()
-            .filter(|i| fresh.get(&chunks[*i].hash) == Some(i))
-            .collect();
         progress(Progress::Embedding {
             total: unique.len(),
         });
@@ -488,12 +484,12 @@ impl KnowledgeBase {
             progress(Progress::Embedded { done });
         }
         summary.embedded = unique.len();
-        for &i in &todo {
+        for &i in &missing {
             if let Some(v) = embedded.get(&chunks[i].hash) {
                 vectors.insert(i as u64, v);
             }
         }
-        summary.reused += todo.len() - unique.len();
+        summary.reused += missing.len() - unique.len();
         summary.chunks = chunks.len();
 
         let next = Generation::new(coll.name.clone(), chunks, files, vectors);

@@ -63,6 +63,34 @@ impl CollectingSink {
     }
 }
 
+/// A local embedding model from `models/` (scripts/models.sh), on one thread, with the prefixes
+/// it was trained with (E5: "query: ", "passage: ").
+pub fn embedding_model(
+    name: &str,
+    file: &str,
+    query_prefix: &str,
+    document_prefix: &str,
+) -> LocalModels {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(file);
+    assert!(
+        path.is_file(),
+        "{} missing: run scripts/models.sh",
+        path.display()
+    );
+    LocalModels::load(&[fuke::backends::local::LocalModelConfig {
+        threads: 1,
+        query_prefix: query_prefix.into(),
+        document_prefix: document_prefix.into(),
+        ..fuke::backends::local::LocalModelConfig::defaults(
+            name,
+            path,
+            fuke::backends::local::LocalKind::Embedding,
+        )
+    }])
+}
+
 pub const KEY_ACME: &str = "fk-test-acme-0001";
 pub const KEY_GLOBEX: &str = "fk-test-globex-0002";
 pub const KEY_LIMITED: &str = "fk-test-limited-0003";
