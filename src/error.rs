@@ -26,6 +26,10 @@ pub enum Error {
     ModelNotAllowed { model: String },
     #[error("model `{model}` does not exist")]
     ModelNotFound { model: String },
+    /// A data-residency rule keeps the tenant on local models, and the alias has none that can
+    /// answer.
+    #[error("rule `{rule}` keeps requests for `{model}` on local models")]
+    Residency { model: String, rule: String },
     #[error("{message}")]
     InvalidRequest {
         message: String,
@@ -116,7 +120,9 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::InvalidApiKey { .. } => StatusCode::UNAUTHORIZED,
-            Error::ModelNotAllowed { .. } | Error::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Error::ModelNotAllowed { .. } | Error::Forbidden { .. } | Error::Residency { .. } => {
+                StatusCode::FORBIDDEN
+            }
             Error::ModelNotFound { .. } | Error::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -157,6 +163,17 @@ impl Error {
                     "invalid_request_error",
                     Some("model"),
                     Some("model_not_allowed"),
+                )
+            }
+            Error::Residency { model, rule } => {
+                owned = format!(
+                    "Policy rule '{rule}' keeps this key's requests on local models, and the model `{model}` has no local backend."
+                );
+                (
+                    &owned,
+                    "invalid_request_error",
+                    Some("model"),
+                    Some("data_residency"),
                 )
             }
             Error::ModelNotFound { model } => {

@@ -60,6 +60,7 @@ pub mod proxy;
 pub mod relay;
 pub mod reload;
 pub mod routing;
+pub mod rules;
 pub mod server;
 pub mod sse;
 pub mod telemetry;

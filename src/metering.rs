@@ -58,6 +58,8 @@ pub struct UsageEvent {
     pub cache: CacheUse,
     /// Knowledge-base excerpts injected into the request.
     pub kb_chunks: u32,
+    /// Content rules that fired (`set/rule`), on the request and the answer; never the text.
+    pub rules: Vec<Arc<str>>,
 }
 
 /// Receives every usage event. `record` completes once the event is safely stored; the gateway
@@ -115,6 +117,8 @@ struct UsageRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     tokens_saved: Option<u64>,
     kb_chunks: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rules: Option<String>,
 }
 
 impl<W> UsageSink for LogSink<W>
@@ -156,6 +160,10 @@ where
                     _ => None,
                 },
                 kb_chunks: ev.kb_chunks,
+                rules: (!ev.rules.is_empty()).then(|| {
+                    let names: Vec<&str> = ev.rules.iter().map(|r| r.as_ref()).collect();
+                    names.join(",")
+                }),
             },
         };
         let mut buf = Vec::with_capacity(384);

@@ -116,6 +116,8 @@ pub async fn model_call(
     let parsed;
     let kb_bytes;
     let kb_parsed;
+    let ruled_bytes;
+    let ruled_parsed;
     let (route, mut payload, stream, include_usage) = if endpoint == Endpoint::AudioTranscriptions {
         let upload = read_multipart_head(req, limit).await?;
         let route = route(policy, tenant, &upload.model)?;
@@ -138,6 +140,42 @@ pub async fn model_call(
     };
     *model_label = Some(route.alias.clone());
 
+    // Content rules: before the cache, the knowledge base and routing see the request.
+    let sets = crate::rules::for_request(&tenant.rules, &route.rules);
+    let mut rule_hits = crate::rules::Hits::default();
+    let local_only = crate::rules::local_only(&sets);
+    if let Some(rule) = &local_only {
+        if !route.candidates.iter().any(|c| c.backend.is_local()) {
+            app.metrics.rule_hit(&tenant.name, rule);
+            return Err(Error::Residency {
+                model: route.alias.to_string(),
+                rule: rule.to_string(),
+            });
+        }
+        if route.candidates.iter().any(|c| !c.backend.is_local()) {
+            rule_hits.add(rule);
+        }
+    }
+    if let Payload::Json(req) = &payload
+        && !sets.is_empty()
+    {
+        let applied = crate::rules::apply(&sets, req).map_err(|refusal| {
+            if let Some(rule) = &refusal.rule {
+                app.metrics.rule_hit(&tenant.name, rule);
+                tracing::info!(tenant = %tenant.name, rule = %rule, "request refused by a policy rule");
+            }
+            refusal.error
+        })?;
+        for h in &applied.hits.0 {
+            rule_hits.add(h);
+        }
+        if let Some(body) = applied.body {
+            ruled_bytes = body;
+            ruled_parsed = JsonRequest::parse(endpoint, &ruled_bytes)?;
+            payload = Payload::Json(&ruled_parsed);
+        }
+    }
+
     let mut call = Call {
         app,
         principal,
@@ -151,6 +189,9 @@ pub async fn model_call(
         cache: CacheUse::Off,
         fill: std::sync::Mutex::new(None),
         kb_chunks: 0,
+        answer_rules: crate::rules::for_answers(&sets),
+        rules: rule_hits,
+        local_only,
     };
     let backends = app.policy.backends();
     let kb = match (&tenant.kb, &backends.kb) {

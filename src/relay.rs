@@ -59,6 +59,10 @@ pub struct Meter {
     pub cache: CacheUse,
     /// Knowledge-base excerpts injected.
     pub kb_chunks: u32,
+    /// Content rules that fired (on the request, then on the answer).
+    pub rules: crate::rules::Hits,
+    /// Rule sets that redact the answer.
+    pub answer_rules: Option<Arc<[Arc<crate::rules::RuleSet>]>>,
 }
 
 /// Spans a meter ends: the request's (its server span ends when the last holder drops it) and
@@ -128,6 +132,7 @@ impl Meter {
             streamed_chunks: self.chunks,
             cache: self.cache,
             kb_chunks: self.kb_chunks,
+            rules: self.rules.0.clone(),
         }
     }
 
@@ -197,7 +202,12 @@ pub async fn relay(
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
 
     let body = if is_sse && status.is_success() {
+        let redactor = meter
+            .answer_rules
+            .clone()
+            .map(crate::rules::stream::StreamRedactor::new);
         let relay = SseRelay {
+            redactor,
             upstream,
             scanner: SseScanner::new(strip_usage_chunk),
             queue: VecDeque::new(),
@@ -215,7 +225,13 @@ pub async fn relay(
         });
         StreamBody::new(stream).boxed_unsync()
     } else {
-        let bytes = read_answer(upstream, idle_timeout, deadline, &meter).await?;
+        let mut meter = meter;
+        let mut bytes = read_answer(upstream, idle_timeout, deadline, &meter).await?;
+        if let Some(sets) = meter.answer_rules.clone().filter(|_| status.is_success())
+            && let Some(redacted) = crate::rules::redact_answer(&sets, &bytes, &mut meter.rules)
+        {
+            bytes = redacted;
+        }
         let usage = if status.is_success() {
             usage_of_response(&bytes)
         } else {
@@ -316,6 +332,8 @@ struct SseRelay {
     status: u16,
     /// The frames kept for the cache, when the answer may be stored.
     capture: Option<Capture>,
+    /// Response redaction, for tenants with response rules.
+    redactor: Option<crate::rules::stream::StreamRedactor>,
 }
 
 impl SseRelay {
@@ -363,13 +381,32 @@ impl SseRelay {
             if let Some(c) = &mut self.capture {
                 c.push(&data);
             }
-            if let Err(e) = self.scanner.feed(data, &mut self.queue) {
+            let fed = match &mut self.redactor {
+                None => self.scanner.feed(data, &mut self.queue),
+                Some(r) => {
+                    let mut events = Vec::new();
+                    let fed = self.scanner.feed(data, &mut events);
+                    for e in events {
+                        r.feed(e, &mut self.queue);
+                    }
+                    fed
+                }
+            };
+            if let Err(e) = fed {
                 self.fail(&e.to_string()).await;
                 continue;
             }
             if self.scanner.is_done() {
+                if let Some(r) = &mut self.redactor {
+                    r.finish(&mut self.queue);
+                }
                 if let Some(mut meter) = self.meter.take() {
                     meter.chunks = self.scanner.events();
+                    if let Some(r) = &self.redactor {
+                        for h in &r.hits.0 {
+                            meter.rules.add(h);
+                        }
+                    }
                     meter
                         .record(self.scanner.usage(), self.status, Outcome::Completed)
                         .await;

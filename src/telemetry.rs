@@ -72,6 +72,13 @@ pub struct TenantModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub tenant: Label,
+    /// `set/rule`
+    pub rule: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabel {
     pub endpoint: &'static str,
 }
@@ -115,6 +122,7 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     pub cache_requests: Family<CacheLabels, Counter>,
     pub cache_saved_tokens: Family<TenantModelLabels, Counter>,
+    pub rule_hits: Family<RuleLabels, Counter>,
     pub usage_missing: Counter,
     pub policy_reloads: Family<ResultLabels, Counter>,
     pub policy_version: Gauge,
@@ -186,6 +194,12 @@ impl Metrics {
             "Chat requests of tenants with a cache, by result (hit_exact, hit_semantic, miss, bypass)",
             cache_requests.clone(),
         );
+        let rule_hits = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "rule_hits",
+            "Requests on which a policy content rule fired (redaction, block, cap, residency), by tenant and rule",
+            rule_hits.clone(),
+        );
         let cache_saved_tokens = Family::<TenantModelLabels, Counter>::default();
         registry.register(
             "cache_saved_tokens",
@@ -233,6 +247,7 @@ impl Metrics {
             tokens,
             cache_requests,
             cache_saved_tokens,
+            rule_hits,
             usage_missing,
             policy_reloads,
             policy_version,
@@ -242,7 +257,20 @@ impl Metrics {
     }
 
     /// Token counters from one usage event (whatever sink stores the event).
+    /// Counts one firing of `rule` for `tenant`.
+    pub fn rule_hit(&self, tenant: &Arc<str>, rule: &Arc<str>) {
+        self.rule_hits
+            .get_or_create(&RuleLabels {
+                tenant: Label::from(tenant),
+                rule: Label(rule.clone()),
+            })
+            .inc();
+    }
+
     pub fn record_usage(&self, ev: &UsageEvent) {
+        for rule in &ev.rules {
+            self.rule_hit(&ev.tenant, rule);
+        }
         let result = match ev.cache {
             CacheUse::Off => None,
             CacheUse::Bypass(_) => Some("bypass"),

@@ -434,3 +434,62 @@ fn check_reports_local_model_files_and_references() {
         "{err}"
     );
 }
+
+#[test]
+fn check_reports_bad_content_rules_with_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).unwrap();
+    std::fs::write(
+        p.join("fuke.yaml"),
+        "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("policies/a.yaml"),
+        "rules:
+  pii:
+    redact:
+      - builtin: ssn
+      - pattern: '(a)\\1'
+        name: backref
+      - pattern: 'x*'
+        name: empty
+      - pattern: '(?:[a-z]{1000}){1000}'
+        name: huge
+    block:
+      - name: nothing
+    caps:
+      max_tokens: 0
+    residency: abroad
+tenants:
+  t:
+    rules: [pii, nope]
+",
+    )
+    .unwrap();
+    let out = check(p);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    // serde stops at the first type error (`residency`), so fix it and look at the rest.
+    assert!(
+        err.contains("a.yaml:15: rules.pii.residency: unknown variant `abroad`"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(p.join("policies/a.yaml"))
+        .unwrap()
+        .replace("    residency: abroad\n", "");
+    std::fs::write(p.join("policies/a.yaml"), text).unwrap();
+    let err = String::from_utf8(check(p).stderr).unwrap();
+    for want in [
+        "a.yaml:4: rules.pii.redact[0].builtin: unknown detector `ssn`",
+        "a.yaml:5: rules.pii.redact[1].pattern: not a valid regex",
+        "a.yaml:7: rules.pii.redact[2].pattern: the pattern matches the empty string",
+        "a.yaml:9: rules.pii.redact[3].pattern: the pattern compiles to more than",
+        "a.yaml:12: rules.pii.block[0]: needs `keywords`",
+        "a.yaml:14: rules.pii.caps.max_tokens: must be at least 1",
+        "a.yaml:17: tenants.t.rules[1]: unknown rule set `nope`",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+}

@@ -3,35 +3,18 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::LazyLock;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use fuke::backends::local::{LocalKind, LocalModelConfig, LocalModels};
+use fuke::backends::local::LocalModels;
 use fuke::metering::Outcome;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use support::*;
 
-static MODELS: LazyLock<LocalModels> = LazyLock::new(|| {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} missing: run scripts/models.sh",
-        path.display()
-    );
-    LocalModels::load(&[LocalModelConfig {
-        context: 1024,
-        parallel: 4,
-        queue: 16,
-        threads: 1,
-        ..LocalModelConfig::defaults("smol", path, LocalKind::Chat)
-    }])
-});
+static MODELS: LazyLock<LocalModels> = LazyLock::new(|| smollm2(4, 16));
 
 const KEY_ADMIN: &str = "fk-test-admin-0009";
 

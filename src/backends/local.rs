@@ -280,6 +280,10 @@ impl Backend for LocalModel {
         &self.backend_name
     }
 
+    fn is_local(&self) -> bool {
+        true
+    }
+
     fn send(&self, req: BackendRequest) -> BoxFuture<'_, Result<BackendResponse, Error>> {
         Box::pin(async move {
             let body = req

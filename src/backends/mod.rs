@@ -71,6 +71,11 @@ pub trait Backend: Send + Sync {
     /// Stable name used in metrics, logs and usage events.
     fn name(&self) -> &str;
 
+    /// Whether it runs on this machine (data-residency rules keep some tenants here).
+    fn is_local(&self) -> bool {
+        false
+    }
+
     fn send(&self, req: BackendRequest) -> BoxFuture<'_, Result<BackendResponse, Error>>;
 }
 

@@ -101,7 +101,7 @@ impl CacheUse {
 }
 
 /// A cached answer: what replays it, and what the Redis level stores (as JSON).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Answer {
     /// The normalized question it answered (for the semantic guards).
     question: Option<String>,
@@ -112,6 +112,20 @@ pub struct Answer {
     system_fingerprint: Option<String>,
     /// The tokens it cost when it was made.
     pub usage: Option<Usage>,
+}
+
+impl Answer {
+    /// A copy with `redact` applied to the message text, or `None` when it changed nothing
+    /// (response rules of the tenant replaying it).
+    pub fn redacted(&self, mut redact: impl FnMut(&str) -> Option<String>) -> Option<Answer> {
+        let Some(Value::String(text)) = self.message.get("content") else {
+            return None;
+        };
+        let new = redact(text)?;
+        let mut copy = self.clone();
+        copy.message.insert("content".into(), Value::String(new));
+        Some(copy)
+    }
 }
 
 /// An answer in a tenant's cache.

@@ -289,41 +289,48 @@ impl<'a> JsonRequest<'a> {
     /// The body with top-level field `key` set to the JSON `value` (in place of its last
     /// occurrence; earlier duplicates dropped), every other field as it arrived.
     pub fn body_with(&self, key: &str, value: &[u8]) -> Bytes {
-        let last = self.fields.iter().rposition(|(k, _)| k == key);
+        self.body_with_all(&[(key, value.to_vec())])
+    }
+
+    /// The body with each `(key, JSON value)` set as [`body_with`](Self::body_with) does; keys
+    /// the body lacks are appended in the order given.
+    pub fn body_with_all(&self, changes: &[(&str, Vec<u8>)]) -> Bytes {
+        let last = |key: &str| self.fields.iter().rposition(|(k, _)| k == key);
+        let lasts: Vec<Option<usize>> = changes.iter().map(|(k, _)| last(k)).collect();
         let mut out = BytesMut::with_capacity(
             self.fields
                 .iter()
                 .map(|(k, v)| k.len() + v.get().len() + 4)
                 .sum::<usize>()
-                + value.len()
+                + changes
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 4)
+                    .sum::<usize>()
                 + 2,
         );
-        out.put_u8(b'{');
         let mut first = true;
-        for (i, (k, raw)) in self.fields.iter().enumerate() {
-            let v: &[u8] = if k == key {
-                if Some(i) != last {
-                    continue;
-                }
-                value
-            } else {
-                raw.get().as_bytes()
-            };
-            if !first {
-                out.put_u8(b',');
-            }
+        let mut put = |out: &mut BytesMut, k: &str, v: &[u8]| {
+            out.put_u8(if first { b'{' } else { b',' });
             first = false;
-            out.put_slice(&serde_json::to_vec(k.as_ref()).unwrap_or_default());
+            out.put_slice(&serde_json::to_vec(k).unwrap_or_default());
             out.put_u8(b':');
             out.put_slice(v);
+        };
+        for (i, (k, raw)) in self.fields.iter().enumerate() {
+            let v: &[u8] = match changes.iter().position(|(c, _)| c == k) {
+                Some(ci) if lasts[ci] != Some(i) => continue,
+                Some(ci) => &changes[ci].1,
+                None => raw.get().as_bytes(),
+            };
+            put(&mut out, k, v);
         }
-        if last.is_none() {
-            if !first {
-                out.put_u8(b',');
+        for ((k, v), at) in changes.iter().zip(&lasts) {
+            if at.is_none() {
+                put(&mut out, k, v);
             }
-            out.put_slice(&serde_json::to_vec(key).unwrap_or_default());
-            out.put_u8(b':');
-            out.put_slice(value);
+        }
+        if first {
+            out.put_u8(b'{');
         }
         out.put_u8(b'}');
         out.freeze()

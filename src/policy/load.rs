@@ -15,6 +15,7 @@ use super::{Limits, Map, ModelRoute, Policy, Principal, Tenant};
 use crate::backends::remote::{EndpointUris, Remote};
 use crate::backends::{Backend, Registry};
 use crate::routing::{BreakerSettings, Candidate, DEFAULT_FIRST_TOKEN_TIMEOUT};
+use crate::rules::RuleSet;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -286,6 +287,32 @@ fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Polic
         }
     }
 
+    let mut rule_sets: HashMap<&str, Arc<RuleSet>> = HashMap::new();
+    for (si, src) in sources.iter().enumerate() {
+        for (name, raw) in &src.raw.rules {
+            let path = format!("rules.{name}");
+            if rule_sets.contains_key(name.as_str()) {
+                report.add(si, path, "defined in more than one policy file");
+                continue;
+            }
+            match RuleSet::compile(name, raw) {
+                Ok(set) => {
+                    rule_sets.insert(name, Arc::new(set));
+                }
+                Err(problems) => {
+                    for (at, message) in problems {
+                        let p = if at.is_empty() {
+                            path.clone()
+                        } else {
+                            format!("{path}.{at}")
+                        };
+                        report.add(si, p, message);
+                    }
+                }
+            }
+        }
+    }
+
     let mut models: Map<Arc<str>, ModelRoute> = Map::default();
     for (si, src) in sources.iter().enumerate() {
         for (alias, m) in &src.raw.models {
@@ -363,11 +390,31 @@ fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Polic
                     ..cand
                 });
             }
+            let rules = resolve_rules(report, si, &path, &m.rules, &rule_sets, sources);
             if candidates.len() != raw.len() {
                 continue;
             }
+            if let Some(set) = rules.iter().find(|s| s.local_only)
+                && !candidates.iter().any(|c| c.backend.is_local())
+            {
+                report.add(
+                    si,
+                    format!("{path}.rules"),
+                    format!(
+                        "rule set `{}` keeps requests on local models, and this alias has none",
+                        set.name
+                    ),
+                );
+            }
             let alias: Arc<str> = alias.as_str().into();
-            models.insert(alias.clone(), ModelRoute { alias, candidates });
+            models.insert(
+                alias.clone(),
+                ModelRoute {
+                    alias,
+                    candidates,
+                    rules,
+                },
+            );
         }
     }
 
@@ -381,7 +428,8 @@ fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Polic
                 report.add(si, path, "defined in more than one policy file");
                 continue;
             }
-            let tenant = validate_tenant(report, si, name, t, &models, sources, backends);
+            let mut tenant = validate_tenant(report, si, name, t, &models, sources, backends);
+            tenant.rules = resolve_rules(report, si, &path, &t.rules, &rule_sets, sources);
             for (ki, key) in t.keys.iter().enumerate() {
                 let kpath = format!("{path}.keys[{ki}]");
                 if key.id.is_empty() {
@@ -428,6 +476,36 @@ fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Polic
         tenants,
         models,
     }
+}
+
+/// The rule sets a tenant or alias names, in order; unknown names are reported.
+fn resolve_rules(
+    report: &mut Report<'_>,
+    si: usize,
+    path: &str,
+    names: &[String],
+    sets: &HashMap<&str, Arc<RuleSet>>,
+    sources: &[Source],
+) -> Vec<Arc<RuleSet>> {
+    let mut out: Vec<Arc<RuleSet>> = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        match sets.get(name.as_str()) {
+            Some(set) if out.iter().any(|s| Arc::ptr_eq(s, set)) => report.add(
+                si,
+                format!("{path}.rules[{i}]"),
+                format!("rule set `{name}` is listed twice"),
+            ),
+            Some(set) => out.push(set.clone()),
+            // Defined but invalid: its own problems are reported already.
+            None if sources.iter().any(|s| s.raw.rules.contains_key(name)) => {}
+            None => report.add(
+                si,
+                format!("{path}.rules[{i}]"),
+                format!("unknown rule set `{name}` (define it under `rules:`)"),
+            ),
+        }
+    }
+    out
 }
 
 /// Upstreams by name, with their breaker settings.
@@ -636,6 +714,7 @@ fn validate_tenant(
     Tenant {
         cache,
         kb,
+        rules: Vec::new(),
         name: name.into(),
         models: allowed,
         limits: Limits {

@@ -35,6 +35,8 @@ pub struct Tenant {
     pub cache: Option<crate::cache::Settings>,
     /// Knowledge-base retrieval; `None`: off.
     pub kb: Option<KbGrant>,
+    /// Content rule sets applied to its requests, in order.
+    pub rules: Vec<Arc<crate::rules::RuleSet>>,
 }
 
 /// What a tenant retrieves from the knowledge base, and how the excerpts are injected.
@@ -57,6 +59,8 @@ pub struct Limits {
 pub struct ModelRoute {
     pub alias: Arc<str>,
     pub candidates: Vec<Candidate>,
+    /// Content rule sets applied to every request for this alias (after the tenant's).
+    pub rules: Vec<Arc<crate::rules::RuleSet>>,
 }
 
 /// The policy's lookup maps: aHash (keyed per process, fast on short keys) instead of SipHash;

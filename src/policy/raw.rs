@@ -14,6 +14,77 @@ pub struct RawPolicyFile {
     pub models: IndexMap<String, RawModel>,
     #[serde(default)]
     pub tenants: IndexMap<String, RawTenant>,
+    /// Named rule sets (redaction, blocking, caps, residency) that tenants and aliases attach.
+    #[serde(default)]
+    pub rules: IndexMap<String, RawRuleSet>,
+}
+
+/// `rules.NAME`: content rules applied to requests before cache, knowledge base and routing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuleSet {
+    /// What is replaced by a token, in requests (and in answers when `responses` is true).
+    #[serde(default)]
+    pub redact: Vec<RawRedact>,
+    /// What refuses a request with a 400 naming the rule.
+    #[serde(default)]
+    pub block: Vec<RawBlock>,
+    #[serde(default)]
+    pub caps: RawCaps,
+    /// `local`: requests under this set are only ever served by local models.
+    pub residency: Option<Residency>,
+    /// Also redact model answers (JSON and streamed). Default false.
+    #[serde(default)]
+    pub responses: bool,
+}
+
+/// One redaction: a built-in detector or a custom regex.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedact {
+    /// `email`, `phone`, `cn_mobile`, `card`, `cn_id` or `iban`.
+    pub builtin: Option<String>,
+    /// A regex (Rust `regex` syntax) whose matches are replaced.
+    pub pattern: Option<String>,
+    /// The rule's name in metrics and usage (default: the built-in's name; required with
+    /// `pattern`).
+    pub name: Option<String>,
+    /// What replaces a match (default: `[EMAIL]`, `[PHONE]`, `[CARD]`, `[ID]`, `[IBAN]`,
+    /// `[REDACTED]`).
+    pub replacement: Option<String>,
+}
+
+/// One block rule: keywords and/or a regex, matched case- and width-insensitively.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBlock {
+    pub name: String,
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    pub pattern: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCaps {
+    /// Ceiling on `max_tokens` / `max_completion_tokens`: higher values are lowered to it, and
+    /// requests without one get it.
+    pub max_tokens: Option<u32>,
+    /// Top-level request fields allowed (`model` always is); others are refused with a 400.
+    pub allowed_params: Option<Vec<String>>,
+    /// Most messages in a chat request.
+    pub max_messages: Option<usize>,
+    /// Most characters of text over all messages (or prompt, or embedding input).
+    pub max_prompt_chars: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Residency {
+    /// Remote and local candidates alike (the default).
+    Any,
+    /// Local models only: nothing leaves the machine.
+    Local,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +136,9 @@ pub struct RawModel {
     pub model: Option<String>,
     pub timeout_ms: Option<u64>,
     pub max_in_flight: Option<u32>,
+    /// Rule sets applied to every request for this alias (after the tenant's).
+    #[serde(default)]
+    pub rules: Vec<String>,
 }
 
 impl RawModel {
@@ -119,6 +193,9 @@ pub struct RawTenant {
     pub cache: Option<RawCache>,
     /// Knowledge-base context added to chat requests; off when absent.
     pub kb: Option<RawKb>,
+    /// Rule sets (names under `rules:`) applied to this tenant's requests, in order.
+    #[serde(default)]
+    pub rules: Vec<String>,
 }
 
 /// `tenants.NAME.kb`: which collections this tenant's questions are answered from.

@@ -84,11 +84,17 @@ pub async fn json(
         });
     }
     meter.chunks = answer.chunks;
-    meter
-        .record(answer.usage, status.as_u16(), Outcome::Completed)
-        .await;
+    let usage = answer.usage;
     // Reading to the end is done; the connection goes back to the pool.
-    let json = answer.finish(endpoint);
+    let mut json = answer.finish(endpoint);
+    if let Some(sets) = meter.answer_rules.clone().filter(|_| status.is_success())
+        && let Some(redacted) = crate::rules::redact_answer(&sets, &json, &mut meter.rules)
+    {
+        json = redacted;
+    }
+    meter
+        .record(usage, status.as_u16(), Outcome::Completed)
+        .await;
     if let Some(fill) = fill.filter(|_| status.is_success()) {
         fill.json(json.clone());
     }

@@ -186,6 +186,12 @@ pub struct Call<'a> {
     pub fill: std::sync::Mutex<Option<Fill>>,
     /// Knowledge-base excerpts injected into the request.
     pub kb_chunks: u32,
+    /// Content rules that fired on the request.
+    pub rules: crate::rules::Hits,
+    /// Rule sets that redact the answer.
+    pub answer_rules: Option<Arc<[Arc<crate::rules::RuleSet>]>>,
+    /// A data-residency rule (its name) keeps this request on local candidates.
+    pub local_only: Option<Arc<str>>,
 }
 
 /// Tries the route's candidates until one answers; relays and meters that answer.
@@ -205,8 +211,13 @@ pub async fn serve(call: Call<'_>, payload: Payload<'_>) -> Result<Response<Body
 /// Answers from the cache: metered first (no backend ran; the tokens the answer saved are on
 /// the event), then replayed as the client asked. All of its time is the gateway's own.
 pub async fn serve_cached(call: &Call<'_>, answer: &Answer, used: CacheUse) -> Response<Body> {
-    let mut resp = cache::replay(answer, call.stream, call.include_usage);
     let mut meter = meter(call, None, None, &[], None);
+    // Stored as the backend answered; the tenant's response rules apply on the way out.
+    let redacted = call.answer_rules.as_ref().and_then(|sets| {
+        answer.redacted(|text| crate::rules::redact_all(sets, text, &mut meter.rules))
+    });
+    let answer = redacted.as_ref().unwrap_or(answer);
+    let mut resp = cache::replay(answer, call.stream, call.include_usage);
     meter.backend = "cache".to_string();
     meter.upstream_model = answer.model.clone();
     meter.cache = used;
@@ -258,7 +269,16 @@ async fn attempts(
     waited: &mut Duration,
 ) -> Result<Response<Body>, Error> {
     let route = call.route;
-    let order = attempt_order(&route.candidates);
+    let mut order = attempt_order(&route.candidates);
+    if let Some(rule) = &call.local_only {
+        order.retain(|c| c.backend.is_local());
+        if order.is_empty() {
+            return Err(Error::Residency {
+                model: route.alias.to_string(),
+                rule: rule.to_string(),
+            });
+        }
+    }
     let replayable = matches!(payload, Payload::Json(_));
     let mut skipped: Vec<(&Candidate, Fallback)> = Vec::new();
     let mut failure: Option<(&Candidate, Permit, Error)> = None;
@@ -552,6 +572,8 @@ fn meter(
         chunks: 0,
         cache: call.cache,
         kb_chunks: call.kb_chunks,
+        rules: call.rules.clone(),
+        answer_rules: call.answer_rules.clone(),
         permit,
         trace: match spans {
             Some(s) => Some(MeterTrace {

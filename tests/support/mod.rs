@@ -91,6 +91,29 @@ pub fn embedding_model(
     }])
 }
 
+/// SmolLM2-135M (scripts/models.sh) as local chat model `smol`, on one thread.
+pub fn smollm2(parallel: u32, queue: u32) -> LocalModels {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} missing: run scripts/models.sh",
+        path.display()
+    );
+    LocalModels::load(&[fuke::backends::local::LocalModelConfig {
+        context: 1024,
+        parallel,
+        queue,
+        threads: 1,
+        ..fuke::backends::local::LocalModelConfig::defaults(
+            "smol",
+            path,
+            fuke::backends::local::LocalKind::Chat,
+        )
+    }])
+}
+
 pub const KEY_ACME: &str = "fk-test-acme-0001";
 pub const KEY_GLOBEX: &str = "fk-test-globex-0002";
 pub const KEY_LIMITED: &str = "fk-test-limited-0003";
