@@ -8,12 +8,14 @@
 //!   -> auth: bearer key -> Principal under one pinned Arc<Policy>      auth, policy
 //!   -> policy: model allowed? rate limit                               app, limits
 //!   -> body: size cap, parse only what we act on, rewrite model        proxy, openai
+//!   -> rules: caps, blocks, redaction, residency (tenant + alias sets)  rules
 //!   -> cache: exact, then semantic, in the tenant's scope --hit--> replay  cache, vectors
 //!   -> knowledge base: granted collections searched, excerpts injected   kb
 //!   -> route: candidates in order; breakers; first-token deadline       routing
 //!   -> backend: remote OpenAI-compatible server (pooled, rustls),       backends
 //!      or a local GGUF model in-process (llama.cpp, batched)            backends::local, embed
 //!   -> relay: JSON whole / SSE frames as they arrived; usage sniffed    relay, sse
+//!      (response rules: answers redacted, streams with a bounded hold-back)  rules::stream
 //!   -> metering: UsageEvent recorded before the last bytes go out       metering
 //! ```
 //!
@@ -30,6 +32,7 @@
 //! - [`config`] — `fuke.yaml`.
 //! - [`routing`] — candidates, first-token deadline, circuit breakers, fallback.
 //! - [`backends`] — the backend trait, remote upstreams and local llama.cpp models.
+//! - [`rules`] — policy content rules: redaction, blocking, caps, residency, answer redaction.
 //! - [`cache`] — the exact and semantic answer cache (moka, per tenant).
 //! - [`vectors`] — exact vector search shared by the cache and the knowledge base.
 //! - [`kb`] — the knowledge base: chunking, incremental index, hybrid retrieval, injection.

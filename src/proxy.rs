@@ -142,40 +142,6 @@ pub async fn model_call(
 
     // Content rules: before the cache, the knowledge base and routing see the request.
     let sets = crate::rules::for_request(&tenant.rules, &route.rules);
-    let mut rule_hits = crate::rules::Hits::default();
-    let local_only = crate::rules::local_only(&sets);
-    if let Some(rule) = &local_only {
-        if !route.candidates.iter().any(|c| c.backend.is_local()) {
-            app.metrics.rule_hit(&tenant.name, rule);
-            return Err(Error::Residency {
-                model: route.alias.to_string(),
-                rule: rule.to_string(),
-            });
-        }
-        if route.candidates.iter().any(|c| !c.backend.is_local()) {
-            rule_hits.add(rule);
-        }
-    }
-    if let Payload::Json(req) = &payload
-        && !sets.is_empty()
-    {
-        let applied = crate::rules::apply(&sets, req).map_err(|refusal| {
-            if let Some(rule) = &refusal.rule {
-                app.metrics.rule_hit(&tenant.name, rule);
-                tracing::info!(tenant = %tenant.name, rule = %rule, "request refused by a policy rule");
-            }
-            refusal.error
-        })?;
-        for h in &applied.hits.0 {
-            rule_hits.add(h);
-        }
-        if let Some(body) = applied.body {
-            ruled_bytes = body;
-            ruled_parsed = JsonRequest::parse(endpoint, &ruled_bytes)?;
-            payload = Payload::Json(&ruled_parsed);
-        }
-    }
-
     let mut call = Call {
         app,
         principal,
@@ -190,9 +156,44 @@ pub async fn model_call(
         fill: std::sync::Mutex::new(None),
         kb_chunks: 0,
         answer_rules: crate::rules::for_answers(&sets),
-        rules: rule_hits,
-        local_only,
+        rules: crate::rules::Hits::default(),
+        local_only: crate::rules::local_only(&sets),
     };
+    if let Some(rule) = call.local_only.clone() {
+        if !route.candidates.iter().any(|c| c.backend.is_local()) {
+            let e = Error::Residency {
+                model: route.alias.to_string(),
+                rule: rule.to_string(),
+            };
+            return Err(routing::refuse(&call, Some(&rule), e).await);
+        }
+        if route.candidates.iter().any(|c| !c.backend.is_local()) {
+            call.rules.add(&rule);
+        }
+    }
+    if let Payload::Json(req) = &payload
+        && !sets.is_empty()
+    {
+        match crate::rules::apply(&sets, req) {
+            Err(refusal) => {
+                if let Some(rule) = &refusal.rule {
+                    tracing::info!(tenant = %tenant.name, rule = %rule, "request refused by a policy rule");
+                }
+                return Err(routing::refuse(&call, refusal.rule.as_ref(), refusal.error).await);
+            }
+            Ok(applied) => {
+                for h in &applied.hits.0 {
+                    call.rules.add(h);
+                }
+                if let Some(body) = applied.body {
+                    ruled_bytes = body;
+                    ruled_parsed = JsonRequest::parse(endpoint, &ruled_bytes)?;
+                    payload = Payload::Json(&ruled_parsed);
+                }
+            }
+        }
+    }
+
     let backends = app.policy.backends();
     let kb = match (&tenant.kb, &backends.kb) {
         (Some(grant), Some(kb)) if endpoint == Endpoint::ChatCompletions => Some((grant, kb)),

@@ -202,10 +202,11 @@ pub async fn relay(
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
 
     let body = if is_sse && status.is_success() {
+        let chat = meter.endpoint == Endpoint::ChatCompletions;
         let redactor = meter
             .answer_rules
             .clone()
-            .map(crate::rules::stream::StreamRedactor::new);
+            .map(|sets| crate::rules::stream::StreamRedactor::new(sets, chat));
         let relay = SseRelay {
             redactor,
             upstream,
@@ -227,10 +228,19 @@ pub async fn relay(
     } else {
         let mut meter = meter;
         let mut bytes = read_answer(upstream, idle_timeout, deadline, &meter).await?;
-        if let Some(sets) = meter.answer_rules.clone().filter(|_| status.is_success())
-            && let Some(redacted) = crate::rules::redact_answer(&sets, &bytes, &mut meter.rules)
-        {
-            bytes = redacted;
+        if let Some(sets) = meter.answer_rules.clone().filter(|_| status.is_success()) {
+            match crate::rules::redact_answer(&sets, &bytes, &mut meter.rules) {
+                Ok(Some(redacted)) => bytes = redacted,
+                Ok(None) => {}
+                Err(crate::rules::Unreadable) => {
+                    let e = Error::UpstreamProtocol {
+                        upstream: meter.backend.clone(),
+                        detail: "the answer could not be read to apply response rules".into(),
+                    };
+                    meter.record(None, 502, Outcome::UpstreamFailed).await;
+                    return Err(e);
+                }
+            }
         }
         let usage = if status.is_success() {
             usage_of_response(&bytes)
@@ -378,16 +388,29 @@ impl SseRelay {
             let Ok(data) = frame.into_data() else {
                 continue; // trailers carry nothing for the client
             };
-            if let Some(c) = &mut self.capture {
-                c.push(&data);
-            }
             let fed = match &mut self.redactor {
-                None => self.scanner.feed(data, &mut self.queue),
+                None => {
+                    if let Some(c) = &mut self.capture {
+                        c.push(&data);
+                    }
+                    self.scanner.feed(data, &mut self.queue)
+                }
                 Some(r) => {
+                    // The cache keeps what the client got: the redacted events.
                     let mut events = Vec::new();
                     let fed = self.scanner.feed(data, &mut events);
+                    let mut redacted = Vec::new();
                     for e in events {
-                        r.feed(e, &mut self.queue);
+                        r.feed(e, &mut redacted);
+                    }
+                    if self.scanner.is_done() {
+                        r.finish(&mut redacted);
+                    }
+                    for e in redacted {
+                        if let Some(c) = &mut self.capture {
+                            c.push(&e);
+                        }
+                        self.queue.push_back(e);
                     }
                     fed
                 }
@@ -397,16 +420,9 @@ impl SseRelay {
                 continue;
             }
             if self.scanner.is_done() {
-                if let Some(r) = &mut self.redactor {
-                    r.finish(&mut self.queue);
-                }
                 if let Some(mut meter) = self.meter.take() {
                     meter.chunks = self.scanner.events();
-                    if let Some(r) = &self.redactor {
-                        for h in &r.hits.0 {
-                            meter.rules.add(h);
-                        }
-                    }
+                    self.add_rule_hits(&mut meter);
                     meter
                         .record(self.scanner.usage(), self.status, Outcome::Completed)
                         .await;
@@ -418,6 +434,15 @@ impl SseRelay {
                     self.queue.push_back(done);
                 }
                 self.phase = Phase::Draining;
+            }
+        }
+    }
+
+    /// Response rules that fired on this stream, onto its usage event.
+    fn add_rule_hits(&self, meter: &mut Meter) {
+        if let Some(r) = &self.redactor {
+            for h in &r.hits.0 {
+                meter.rules.add(h);
             }
         }
     }
@@ -459,6 +484,7 @@ impl SseRelay {
         self.capture = None;
         if let Some(mut meter) = self.meter.take() {
             meter.chunks = self.scanner.events();
+            self.add_rule_hits(&mut meter);
             meter
                 .record(self.scanner.usage(), 502, Outcome::UpstreamFailed)
                 .await;
@@ -479,6 +505,7 @@ impl Drop for SseRelay {
         // closes the upstream connection, which cancels the generation there.
         if let Some(mut meter) = self.meter.take() {
             meter.chunks = self.scanner.events();
+            self.add_rule_hits(&mut meter);
             meter.record_detached(self.scanner.usage(), 499, Outcome::ClientAborted);
         }
     }

@@ -241,6 +241,12 @@ async fn blocked_requests_name_the_rule_and_never_echo_the_text() {
             assert!(!msg.contains(word), "{msg} echoes {word}");
         }
         assert!(!r.text().contains(text));
+        // Refused requests are metered too: the rule on the event, no tokens.
+        let ev = gw.usage_of(&r).await;
+        assert_eq!(ev.status, 400);
+        assert_eq!(ev.rules.len(), 1);
+        assert_eq!(ev.rules[0].as_ref(), rule);
+        assert!(ev.usage.is_none());
     }
     assert_eq!(up.count("echo-model"), 1, "only the allowed request left");
     let m = metrics(&gw, &c).await;

@@ -118,13 +118,19 @@ impl Answer {
     /// A copy with `redact` applied to the message text, or `None` when it changed nothing
     /// (response rules of the tenant replaying it).
     pub fn redacted(&self, mut redact: impl FnMut(&str) -> Option<String>) -> Option<Answer> {
-        let Some(Value::String(text)) = self.message.get("content") else {
-            return None;
-        };
-        let new = redact(text)?;
-        let mut copy = self.clone();
-        copy.message.insert("content".into(), Value::String(new));
-        Some(copy)
+        let mut copy: Option<Answer> = None;
+        for (key, value) in &self.message {
+            let Value::String(text) = value else { continue };
+            if key == "role" {
+                continue;
+            }
+            if let Some(new) = redact(text) {
+                copy.get_or_insert_with(|| self.clone())
+                    .message
+                    .insert(key.clone(), Value::String(new));
+            }
+        }
+        copy
     }
 }
 

@@ -87,8 +87,9 @@ pub async fn json(
     let usage = answer.usage;
     // Reading to the end is done; the connection goes back to the pool.
     let mut json = answer.finish(endpoint);
+    // Assembled here, so always readable.
     if let Some(sets) = meter.answer_rules.clone().filter(|_| status.is_success())
-        && let Some(redacted) = crate::rules::redact_answer(&sets, &json, &mut meter.rules)
+        && let Ok(Some(redacted)) = crate::rules::redact_answer(&sets, &json, &mut meter.rules)
     {
         json = redacted;
     }

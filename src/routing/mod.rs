@@ -208,6 +208,18 @@ pub async fn serve(call: Call<'_>, payload: Payload<'_>) -> Result<Response<Body
     Ok(resp)
 }
 
+/// A request refused by a content rule before any backend: metered (no tokens; the rule on
+/// the usage event and in `fuke_rule_hits_total`), then answered with `e`.
+pub async fn refuse(call: &Call<'_>, rule: Option<&Arc<str>>, e: Error) -> Error {
+    let mut m = meter(call, None, None, &[], None);
+    if let Some(rule) = rule {
+        m.rules.add(rule);
+    }
+    m.record(None, e.status().as_u16(), Outcome::Completed)
+        .await;
+    e
+}
+
 /// Answers from the cache: metered first (no backend ran; the tokens the answer saved are on
 /// the event), then replayed as the client asked. All of its time is the gateway's own.
 pub async fn serve_cached(call: &Call<'_>, answer: &Answer, used: CacheUse) -> Response<Body> {

@@ -171,17 +171,22 @@ impl Detector {
         match b {
             Builtin::Email => Some(end),
             Builtin::CnMobile | Builtin::Phone => {
-                let digits = bytes[start..end]
-                    .iter()
-                    .filter(|c| c.is_ascii_digit())
-                    .count();
-                (digit_free(before)
-                    && digit_free(bytes.get(end).copied())
-                    && (7..=15).contains(&digits))
-                .then_some(end)
+                if !digit_free(before) {
+                    return None;
+                }
+                // The longest prefix ending in a digit with 7 to 15 digits and a boundary.
+                (start + 1..=end).rev().find(|&e| {
+                    let digits = bytes[start..e]
+                        .iter()
+                        .filter(|c| c.is_ascii_digit())
+                        .count();
+                    bytes[e - 1].is_ascii_digit()
+                        && digit_free(bytes.get(e).copied())
+                        && (7..=15).contains(&digits)
+                })
             }
-            Builtin::CnId => (alnum_free(before)
-                && alnum_free(bytes.get(end).copied())
+            Builtin::CnId => (digit_free(before)
+                && digit_free(bytes.get(end).copied())
                 && cn_id_valid(&bytes[start..end]))
             .then_some(end),
             Builtin::Card => {
@@ -226,28 +231,17 @@ fn alnum_free(b: Option<u8>) -> bool {
 
 /// The Luhn sum of the digits in `s` (separators skipped), with 13 to 19 digits.
 pub fn luhn_valid(s: &[u8]) -> bool {
-    let digits: Vec<u32> = s
-        .iter()
-        .filter(|c| c.is_ascii_digit())
-        .map(|c| u32::from(c - b'0'))
-        .collect();
-    if !(13..=19).contains(&digits.len()) {
-        return false;
+    let (mut n, mut sum) = (0u32, 0u32);
+    for c in s.iter().rev().filter(|c| c.is_ascii_digit()) {
+        let d = u32::from(c - b'0');
+        sum += if n % 2 == 1 {
+            if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+        } else {
+            d
+        };
+        n += 1;
     }
-    let sum: u32 = digits
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &d)| {
-            if i % 2 == 1 {
-                let d2 = d * 2;
-                if d2 > 9 { d2 - 9 } else { d2 }
-            } else {
-                d
-            }
-        })
-        .sum();
-    sum.is_multiple_of(10)
+    (13..=19).contains(&n) && sum.is_multiple_of(10)
 }
 
 /// GB 11643-1999: weights 2^(17-i) mod 11, check character from the sum mod 11.
@@ -340,6 +334,10 @@ mod tests {
             ["11010519491231002X"]
         );
         assert!(found(Builtin::CnId, "110105194912310021").is_empty());
+        assert_eq!(
+            found(Builtin::CnId, "ID11010519491231002X"),
+            ["11010519491231002X"]
+        );
         assert!(cn_id_valid(b"440308199901011234"));
         assert!(!cn_id_valid(b"440308199901011235"));
     }
@@ -378,6 +376,11 @@ mod tests {
             ["+44 20 7946 0958"]
         );
         assert!(found(Builtin::Phone, "on 2026-11-27 at 10:30").is_empty());
+        // More digits after the number: the longest valid prefix.
+        assert_eq!(
+            found(Builtin::Phone, "+44 20 7946 0958 12345 x"),
+            ["+44 20 7946 0958"]
+        );
     }
 
     #[test]

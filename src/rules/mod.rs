@@ -96,11 +96,7 @@ fn valid_name(name: &str) -> bool {
 pub fn fold(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        let c = match c {
-            '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
-            '\u{3000}' => ' ',
-            c => c,
-        };
+        let c = narrow_char(c);
         if c.is_ascii() {
             out.push(c.to_ascii_lowercase());
         } else {
@@ -108,6 +104,48 @@ pub fn fold(text: &str) -> String {
         }
     }
     out
+}
+
+/// A full-width ASCII form (U+FF01–FF5E) or the ideographic space as its ASCII twin.
+fn narrow_char(c: char) -> char {
+    match c {
+        '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+        '\u{3000}' => ' ',
+        c => c,
+    }
+}
+
+/// A block pattern as written, with full-width characters turned into their ASCII twins as
+/// escaped literals (so `（` is a parenthesis to match, not a group). Case is left to the
+/// regex's case-insensitive flag: lowercasing the source would turn `\D` into `\d`.
+fn narrow_pattern(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    for c in pattern.chars() {
+        let n = narrow_char(c);
+        if n == c {
+            out.push(c);
+        } else {
+            out.push_str(&regex::escape(n.encode_utf8(&mut [0; 4])));
+        }
+    }
+    out
+}
+
+/// `text` with full-width forms narrowed, and for each of its bytes the offset in `text` it
+/// came from (plus the end); `None` when there is nothing to narrow.
+fn narrowed(text: &str) -> Option<(String, Vec<usize>)> {
+    if !text.chars().any(|c| narrow_char(c) != c) {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut origin = Vec::with_capacity(text.len() + 1);
+    for (i, c) in text.char_indices() {
+        let before = out.len();
+        out.push(narrow_char(c));
+        origin.resize(origin.len() + (out.len() - before), i);
+    }
+    origin.push(text.len());
+    Some((out, origin))
 }
 
 // === impl RuleSet ===
@@ -248,7 +286,7 @@ impl RuleSet {
             };
             let pattern = match &b.pattern {
                 None => None,
-                Some(p) => match detect::compile(&fold(p), true) {
+                Some(p) => match detect::compile(&narrow_pattern(p), true) {
                     Ok(re) => Some(re),
                     Err(e) => {
                         problems.push((format!("{at}.pattern"), e));
@@ -326,11 +364,12 @@ impl RuleSet {
     }
 
     /// `text` with every redaction of this set applied, or `None` when nothing matched.
+    /// Detectors see full-width digits and letters as ASCII (Chinese input methods type them).
     pub fn redact(&self, text: &str, hits: &mut Hits) -> Option<String> {
         let mut out: Option<String> = None;
         for r in &self.redact {
             let cur = out.as_deref().unwrap_or(text);
-            let found = r.detector.find(cur);
+            let found = find(&r.detector, cur);
             if found.is_empty() {
                 continue;
             }
@@ -349,10 +388,10 @@ impl RuleSet {
     }
 
     /// Byte ranges of `text` that some redaction of this set matches.
-    fn matches(&self, text: &str) -> Vec<(usize, usize)> {
+    pub fn matches(&self, text: &str) -> Vec<(usize, usize)> {
         self.redact
             .iter()
-            .flat_map(|r| r.detector.find(text))
+            .flat_map(|r| find(&r.detector, text))
             .collect()
     }
 
@@ -365,6 +404,18 @@ impl RuleSet {
                     || b.pattern.as_ref().is_some_and(|p| p.is_match(folded))
             })
             .map(|b| &b.hit)
+    }
+}
+
+/// Confirmed matches of `detector` in `text`, found in its narrowed form, as ranges of `text`.
+fn find(detector: &Detector, text: &str) -> Vec<(usize, usize)> {
+    match narrowed(text) {
+        None => detector.find(text),
+        Some((n, origin)) => detector
+            .find(&n)
+            .into_iter()
+            .map(|(s, e)| (origin[s], origin[e]))
+            .collect(),
     }
 }
 
@@ -400,50 +451,144 @@ pub struct Applied {
     pub hits: Hits,
 }
 
-/// The request field holding its text, per endpoint.
-fn text_field(endpoint: Endpoint) -> Option<&'static str> {
+/// The request fields holding text, per endpoint.
+fn text_fields(endpoint: Endpoint) -> &'static [&'static str] {
     match endpoint {
-        Endpoint::ChatCompletions => Some("messages"),
-        Endpoint::Completions => Some("prompt"),
-        Endpoint::Embeddings => Some("input"),
-        Endpoint::AudioTranscriptions => None,
+        Endpoint::ChatCompletions => &["messages"],
+        Endpoint::Completions => &["prompt", "suffix"],
+        Endpoint::Embeddings => &["input"],
+        Endpoint::AudioTranscriptions => &[],
     }
 }
 
-/// Calls `f` on every text string of a request field: message contents (strings and `text`
-/// parts) for chat, strings of `prompt` and `input` otherwise.
-fn for_each_text(endpoint: Endpoint, v: &mut Value, f: &mut impl FnMut(&mut String)) {
-    let text_of = |v: &mut Value, f: &mut dyn FnMut(&mut String)| match v {
-        Value::String(s) => f(s),
-        Value::Array(items) => {
-            for item in items {
-                match item {
-                    Value::String(s) => f(s),
-                    Value::Object(part) => {
-                        if part.get("type").and_then(Value::as_str) == Some("text")
-                            && let Some(Value::String(s)) = part.get_mut("text")
-                        {
-                            f(s);
+/// Text found in a request field, for the rules to check and rewrite.
+struct Walk<'f, F: FnMut(&mut String)> {
+    f: &'f mut F,
+    /// Token-ID input (arrays of integers), which text rules cannot read.
+    opaque: bool,
+}
+
+impl<F: FnMut(&mut String)> Walk<'_, F> {
+    /// A `prompt`/`input`/`content` value: a string, or an array of strings, token IDs or
+    /// content parts (every part's `text`, whatever its `type`).
+    fn text(&mut self, v: &mut Value) {
+        match v {
+            Value::String(s) => (self.f)(s),
+            Value::Number(_) => self.opaque = true,
+            Value::Array(items) => {
+                for item in items {
+                    match item {
+                        Value::Object(part) => {
+                            if let Some(Value::String(s)) = part.get_mut("text") {
+                                (self.f)(s);
+                            }
                         }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        _ => {}
-    };
-    match endpoint {
-        Endpoint::ChatCompletions => {
-            if let Value::Array(messages) = v {
-                for m in messages {
-                    if let Some(content) = m.get_mut("content") {
-                        text_of(content, f);
+                        other => self.text(other),
                     }
                 }
             }
+            _ => {}
         }
-        _ => text_of(v, f),
     }
+
+    /// Chat messages: contents, refusals, reasoning, and tool-call arguments.
+    fn messages(&mut self, v: &mut Value) {
+        let Value::Array(messages) = v else { return };
+        for m in messages {
+            let Value::Object(m) = m else { continue };
+            for key in ["content", "refusal", "reasoning_content"] {
+                if let Some(v) = m.get_mut(key) {
+                    self.text(v);
+                }
+            }
+            if let Some(Value::String(a)) = m
+                .get_mut("function_call")
+                .and_then(|f| f.get_mut("arguments"))
+            {
+                (self.f)(a);
+            }
+            if let Some(Value::Array(calls)) = m.get_mut("tool_calls") {
+                for call in calls {
+                    if let Some(Value::String(a)) = call
+                        .get_mut("function")
+                        .and_then(|f| f.get_mut("arguments"))
+                    {
+                        (self.f)(a);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Calls `f` on every text string of request field `field`; whether the field also holds
+/// token-ID input the rules cannot read.
+fn for_each_text(field: &str, v: &mut Value, mut f: impl FnMut(&mut String)) -> bool {
+    let mut walk = Walk {
+        f: &mut f,
+        opaque: false,
+    };
+    if field == "messages" {
+        walk.messages(v);
+    } else {
+        walk.text(v);
+    }
+    walk.opaque
+}
+
+/// Whether a JSON value has an object with the same key twice, at any depth. Parsers disagree
+/// on which copy wins, so a request checked by one reading could be served by the other.
+fn has_duplicate_keys(json: &str) -> bool {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    struct Dup;
+    impl<'de> DeserializeSeed<'de> for Dup {
+        type Value = bool;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Dup {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let mut keys = std::collections::HashSet::new();
+            let mut dup = false;
+            while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                dup |= !keys.insert(k);
+                dup |= map.next_value_seed(Dup)?;
+            }
+            Ok(dup)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+            let mut dup = false;
+            while let Some(d) = seq.next_element_seed(Dup)? {
+                dup |= d;
+            }
+            Ok(dup)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_unit<E>(self) -> Result<bool, E> {
+            Ok(false)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    Dup.deserialize(&mut de).unwrap_or(true)
 }
 
 /// A request refused by a rule: the client's error, and the rule for metrics.
@@ -493,21 +638,62 @@ pub fn apply(sets: &[Arc<RuleSet>], req: &JsonRequest<'_>) -> Result<Applied, Re
             ));
         }
     }
+    // Answers redacted by rules cannot come with per-token log probabilities: those repeat
+    // the text token by token, outside the redacted fields.
+    if let Some(s) = sets.iter().find(|s| s.responses) {
+        for key in ["logprobs", "top_logprobs"] {
+            if req
+                .field(key)
+                .is_some_and(|v| !matches!(v.get().trim(), "null" | "false"))
+            {
+                let rule = s.cap_hit("responses");
+                return Err(refused(
+                    rule.clone(),
+                    format!(
+                        "The parameter '{key}' cannot be used: policy rule '{rule}' redacts answers."
+                    ),
+                    key,
+                    "parameter_not_allowed",
+                ));
+            }
+        }
+    }
 
     let mut changes: Vec<(&str, Vec<u8>)> = Vec::new();
-    let field = text_field(req.endpoint);
-    let needs_text = sets.iter().any(|s| {
-        !s.redact.is_empty()
-            || !s.block.is_empty()
-            || s.caps.max_messages.is_some()
-            || s.caps.max_prompt_chars.is_some()
-    });
-    if let (Some(field), true) = (field, needs_text)
-        && let Some(raw) = req.field(field)
-    {
+    let text_rules = sets
+        .iter()
+        .find(|s| !s.redact.is_empty() || !s.block.is_empty());
+    let needs_text = text_rules.is_some()
+        || sets
+            .iter()
+            .any(|s| s.caps.max_messages.is_some() || s.caps.max_prompt_chars.is_some());
+    if let Some(s) = text_rules {
+        // What the rules check must be what the upstream reads.
+        let mut seen: Vec<&str> = Vec::new();
+        for (key, raw) in req.fields() {
+            if seen.contains(&key) || has_duplicate_keys(raw.get()) {
+                let rule = s.cap_hit("duplicate_keys");
+                return Err(refused(
+                    rule.clone(),
+                    format!(
+                        "The request repeats the key '{key}' (or a key inside it); policy rule set '{}' needs unambiguous JSON.",
+                        s.name
+                    ),
+                    key,
+                    "duplicate_keys",
+                ));
+            }
+            seen.push(key);
+        }
+    }
+    let mut chars = 0usize;
+    for field in text_fields(req.endpoint) {
+        let Some(raw) = req.field(field).filter(|_| needs_text) else {
+            continue;
+        };
         let mut value: Value = serde_json::from_str(raw.get())
             .map_err(|_| Error::invalid(format!("'{field}' is not valid JSON."), None))?;
-        if req.endpoint == Endpoint::ChatCompletions {
+        if *field == "messages" {
             let n = value.as_array().map_or(0, Vec::len);
             for s in sets {
                 if let Some(max) = s.caps.max_messages
@@ -525,10 +711,9 @@ pub fn apply(sets: &[Arc<RuleSet>], req: &JsonRequest<'_>) -> Result<Applied, Re
                 }
             }
         }
-        let mut chars = 0usize;
         let mut blocked: Option<Arc<str>> = None;
         let any_block = sets.iter().any(|s| !s.block.is_empty());
-        for_each_text(req.endpoint, &mut value, &mut |s: &mut String| {
+        let opaque = for_each_text(field, &mut value, |s: &mut String| {
             chars += s.chars().count();
             if any_block && blocked.is_none() {
                 let folded = fold(s);
@@ -543,24 +728,21 @@ pub fn apply(sets: &[Arc<RuleSet>], req: &JsonRequest<'_>) -> Result<Applied, Re
                 "content_blocked",
             ));
         }
-        for s in sets {
-            if let Some(max) = s.caps.max_prompt_chars
-                && chars > max
-            {
-                let rule = s.cap_hit("max_prompt_chars");
-                return Err(refused(
-                    rule.clone(),
-                    format!(
-                        "The request text has {chars} characters; policy rule '{rule}' allows at most {max}."
-                    ),
-                    field,
-                    "prompt_too_long",
-                ));
-            }
+        if opaque && let Some(s) = text_rules {
+            let rule = s.cap_hit("token_input");
+            return Err(refused(
+                rule.clone(),
+                format!(
+                    "Token-ID input cannot be checked by policy rule set '{}'; send text.",
+                    s.name
+                ),
+                field,
+                "unsupported_input",
+            ));
         }
         let mut changed = false;
         let hits = &mut applied.hits;
-        for_each_text(req.endpoint, &mut value, &mut |text: &mut String| {
+        for_each_text(field, &mut value, |text: &mut String| {
             for s in sets {
                 if let Some(new) = s.redact(text, hits) {
                     *text = new;
@@ -573,31 +755,49 @@ pub fn apply(sets: &[Arc<RuleSet>], req: &JsonRequest<'_>) -> Result<Applied, Re
             changes.push((field, bytes));
         }
     }
+    for s in sets {
+        if let Some(max) = s.caps.max_prompt_chars
+            && chars > max
+        {
+            let rule = s.cap_hit("max_prompt_chars");
+            return Err(refused(
+                rule.clone(),
+                format!(
+                    "The request text has {chars} characters; policy rule '{rule}' allows at most {max}."
+                ),
+                text_fields(req.endpoint)
+                    .first()
+                    .copied()
+                    .unwrap_or("messages"),
+                "prompt_too_long",
+            ));
+        }
+    }
 
-    // The max_tokens ceiling: the lowest of the sets'.
+    // The max_tokens ceiling (the lowest of the sets'): every limit the request sets is
+    // lowered to it, and one is added when it sets none.
     if req.endpoint != Endpoint::Embeddings
         && let Some((set, cap)) = sets
             .iter()
             .filter_map(|s| s.caps.max_tokens.map(|c| (s, c)))
             .min_by_key(|(_, c)| *c)
     {
-        let key = if req.field("max_completion_tokens").is_some() {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
-        };
-        let asked = req
-            .field(key)
-            .and_then(|raw| serde_json::from_str::<Option<u64>>(raw.get()).ok())
-            .flatten();
-        match asked {
-            Some(n) if n <= u64::from(cap) => {}
-            _ => {
+        let mut present = false;
+        for key in ["max_tokens", "max_completion_tokens"] {
+            let Some(raw) = req.field(key) else { continue };
+            present = true;
+            let asked = serde_json::from_str::<Option<u64>>(raw.get())
+                .ok()
+                .flatten();
+            if asked.is_none_or(|n| n > u64::from(cap)) {
                 if asked.is_some() {
                     applied.hits.add(&set.cap_hit("max_tokens"));
                 }
                 changes.push((key, cap.to_string().into_bytes()));
             }
+        }
+        if !present {
+            changes.push(("max_tokens", cap.to_string().into_bytes()));
         }
     }
     if !changes.is_empty() {
@@ -606,48 +806,79 @@ pub fn apply(sets: &[Arc<RuleSet>], req: &JsonRequest<'_>) -> Result<Applied, Re
     Ok(applied)
 }
 
-/// An answer's text fields: chat message contents (strings and text parts), completion texts.
-fn for_each_answer_text(v: &mut Value, f: &mut impl FnMut(&mut String)) {
-    let Some(Value::Array(choices)) = v.get_mut("choices") else {
-        return;
-    };
-    for c in choices {
-        if let Some(Value::String(s)) = c.get_mut("text") {
-            f(s);
-        }
-        if let Some(m) = c.get_mut("message") {
-            match m.get_mut("content") {
-                Some(Value::String(s)) => f(s),
-                Some(Value::Array(parts)) => {
-                    for p in parts {
-                        if let Some(Value::String(s)) = p.get_mut("text") {
-                            f(s);
-                        }
-                    }
+/// An answer the response rules could not read (so it must not be let through).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
+
+/// Keys of an answer's message that carry no text of the model's own.
+const NOT_TEXT: &[&str] = &["role", "id", "type", "name", "tool_call_id", "index"];
+
+/// Every string under `v` except the values of [`NOT_TEXT`] keys.
+fn for_each_string(v: &mut Value, f: &mut impl FnMut(&mut String)) {
+    match v {
+        Value::String(s) => f(s),
+        Value::Array(items) => items.iter_mut().for_each(|i| for_each_string(i, f)),
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                if !NOT_TEXT.contains(&k.as_str()) {
+                    for_each_string(v, f);
                 }
-                _ => {}
             }
         }
+        _ => {}
     }
 }
 
-/// A JSON answer with the sets' redactions applied to its text, or `None` when nothing matched
-/// (or it is not a JSON answer).
-pub fn redact_answer(sets: &[Arc<RuleSet>], body: &[u8], hits: &mut Hits) -> Option<Bytes> {
-    let mut value: Value = serde_json::from_slice(body).ok()?;
+/// An answer with the sets' redactions applied to all of its text: chat messages (content,
+/// refusal, reasoning, tool-call arguments), completion texts, a transcription's text, or a
+/// plain-text answer (transcriptions as `text`/`srt`/`vtt`). `Ok(None)`: nothing matched.
+/// `Err`: the answer could not be read, so it must not be let through.
+pub fn redact_answer(
+    sets: &[Arc<RuleSet>],
+    body: &[u8],
+    hits: &mut Hits,
+) -> Result<Option<Bytes>, Unreadable> {
     let mut changed = false;
-    for_each_answer_text(&mut value, &mut |text: &mut String| {
+    let mut apply = |text: &mut String| {
         for s in sets {
             if let Some(new) = s.redact(text, hits) {
                 *text = new;
                 changed = true;
             }
         }
-    });
-    if !changed {
-        return None;
+    };
+    let Ok(mut value) = serde_json::from_slice::<Value>(body) else {
+        let mut text = std::str::from_utf8(body)
+            .map_err(|_| Unreadable)?
+            .to_string();
+        apply(&mut text);
+        return Ok(changed.then(|| Bytes::from(text)));
+    };
+    let mut stripped = false;
+    if let Some(Value::Array(choices)) = value.get_mut("choices") {
+        for c in choices {
+            if let Some(t) = c.get_mut("text") {
+                for_each_string(t, &mut apply);
+            }
+            if let Some(m) = c.get_mut("message") {
+                for_each_string(m, &mut apply);
+            }
+            if let Some(l) = c.get_mut("logprobs").filter(|l| !l.is_null()) {
+                // Asked for despite the rules (they refuse `logprobs`): never let it out.
+                *l = Value::Null;
+                stripped = true;
+            }
+        }
     }
-    serde_json::to_vec(&value).ok().map(Bytes::from)
+    if let Some(t) = value.get_mut("text") {
+        for_each_string(t, &mut apply);
+    }
+    if !changed && !stripped {
+        return Ok(None);
+    }
+    serde_json::to_vec(&value)
+        .map(|v| Some(Bytes::from(v)))
+        .map_err(|_| Unreadable)
 }
 
 /// `text` with every set's redactions applied (for cached answers replayed to a tenant).
@@ -697,6 +928,131 @@ mod tests {
         assert_eq!(out, "mail [EMAIL], card [CARD], ticket <T>");
         assert_eq!(hits.joined(), "s/card,s/email,s/ticket");
         assert!(s.redact("nothing here", &mut hits).is_none());
+    }
+
+    fn apply_to(yaml: &str, body: &str) -> Result<Applied, Refusal> {
+        let sets = vec![Arc::new(set(yaml))];
+        let req = JsonRequest::parse(Endpoint::ChatCompletions, body.as_bytes()).unwrap();
+        apply(&sets, &req)
+    }
+
+    #[test]
+    fn full_width_digits_are_detected_and_block_patterns_keep_their_meaning() {
+        let s = set(
+            "redact:\n  - builtin: cn_mobile\nblock:\n  - name: transfer\n    pattern: '请（立即）转账'\n  - name: no_digits\n    pattern: '^\\D+$'\n",
+        );
+        let mut hits = Hits::default();
+        assert_eq!(
+            s.redact("电话：１３８１２３４５６７８。", &mut hits)
+                .unwrap(),
+            "电话：[PHONE]。"
+        );
+        // `\D` stays "not a digit" (lowercasing the source would have made it `\d`).
+        assert_eq!(
+            s.blocked_by(&fold("ABC")).map(|h| h.as_ref()),
+            Some("s/no_digits")
+        );
+        assert!(s.blocked_by(&fold("abc1")).is_none());
+        // Full-width parentheses are literal text, not a group.
+        assert_eq!(
+            s.blocked_by(&fold("请(立即)转账")).map(|h| h.as_ref()),
+            Some("s/transfer")
+        );
+    }
+
+    #[test]
+    fn requests_the_rules_cannot_read_are_refused() {
+        let yaml = "redact:\n  - builtin: email\nresponses: true\n";
+        let code = |body: &str| {
+            apply_to(yaml, body)
+                .map(|_| "ok")
+                .unwrap_or_else(|r| match r.error {
+                    Error::InvalidRequest { code, .. } => code.unwrap_or("?"),
+                    _ => "other",
+                })
+        };
+        assert_eq!(
+            code(r#"{"model":"m","messages":[{"role":"user","content":"a"}]}"#),
+            "ok"
+        );
+        assert_eq!(
+            code(r#"{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}"#),
+            "duplicate_keys"
+        );
+        assert_eq!(
+            code(r#"{"model":"m","messages":[],"messages":[{"role":"user","content":"b"}]}"#),
+            "duplicate_keys"
+        );
+        assert_eq!(
+            code(r#"{"model":"m","logprobs":true,"messages":[{"role":"user","content":"a"}]}"#),
+            "parameter_not_allowed"
+        );
+        assert_eq!(
+            code(r#"{"model":"m","logprobs":false,"messages":[{"role":"user","content":"a"}]}"#),
+            "ok"
+        );
+        let sets = vec![Arc::new(set(yaml))];
+        let req = JsonRequest::parse(Endpoint::Embeddings, br#"{"model":"m","input":[[1,2,3]]}"#)
+            .unwrap();
+        let err = apply(&sets, &req).unwrap_err();
+        assert_eq!(err.rule.as_deref(), Some("s/token_input"));
+    }
+
+    #[test]
+    fn every_text_field_of_a_request_is_redacted() {
+        let applied = apply_to(
+            "redact:\n  - builtin: email\n",
+            r#"{"model":"m","messages":[
+                {"role":"user","content":[{"type":"input_text","text":"a@b.co"},{"text":"c@d.co"}]},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"t","type":"function","function":{"name":"mail","arguments":"{\"to\":\"e@f.co\"}"}}]}]}"#,
+        )
+        .unwrap();
+        let body = String::from_utf8(applied.body.unwrap().to_vec()).unwrap();
+        assert!(!body.contains("@"), "{body}");
+        assert_eq!(body.matches("[EMAIL]").count(), 3, "{body}");
+    }
+
+    #[test]
+    fn the_max_tokens_ceiling_applies_to_every_limit_key() {
+        let yaml = "caps:\n  max_tokens: 64\n";
+        let body = apply_to(
+            yaml,
+            r#"{"model":"m","max_completion_tokens":1,"max_tokens":100000,"messages":[{"role":"user","content":"a"}]}"#,
+        )
+        .unwrap()
+        .body
+        .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["max_tokens"], 64);
+        assert_eq!(v["max_completion_tokens"], 1);
+        let body = apply_to(
+            yaml,
+            r#"{"model":"m","messages":[{"role":"user","content":"a"}]}"#,
+        )
+        .unwrap()
+        .body
+        .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["max_tokens"], 64);
+    }
+
+    #[test]
+    fn answers_are_redacted_in_every_text_field_and_unreadable_ones_refused() {
+        let sets = vec![Arc::new(set(
+            "redact:\n  - builtin: email\nresponses: true\n",
+        ))];
+        let mut hits = Hits::default();
+        let answer = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"a@b.co","reasoning_content":"c@d.co","tool_calls":[{"id":"x","type":"function","function":{"name":"n","arguments":"e@f.co"}}]},"logprobs":{"content":[{"token":"a@b.co"}]}}]}"#;
+        let out = redact_answer(&sets, answer, &mut hits).unwrap().unwrap();
+        let out = String::from_utf8(out.to_vec()).unwrap();
+        assert!(!out.contains('@'), "{out}");
+        assert!(out.contains(r#""logprobs":null"#), "{out}");
+        // A transcription as plain text.
+        let out = redact_answer(&sets, b"1\n00:00 --> 00:01\nmail a@b.co\n", &mut hits)
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.as_ref(), b"1\n00:00 --> 00:01\nmail [EMAIL]\n");
+        assert!(redact_answer(&sets, &[0xff, 0xfe], &mut hits).is_err());
     }
 
     #[test]

@@ -17,8 +17,28 @@ use serde_json::{Map, Value, json};
 use super::{Hits, RuleSet, redact_all};
 use crate::sse::{event_data, split_event};
 
-/// Characters of each choice's text held back until more has arrived.
+/// Characters of each text field held back until more has arrived.
 pub const HOLDBACK_CHARS: usize = 128;
+
+/// The most a cut may move back to keep a match whole: a longer match (only an unbounded custom
+/// pattern) is released in pieces, each redacted as far as it matches.
+pub const MAX_HOLD_CHARS: usize = 1024;
+
+/// Choices per answer a redacted stream may carry (as the JSON assembler allows).
+const MAX_CHOICES: u64 = 128;
+
+/// The text fields of a chat delta that are held back and redacted.
+const DELTA_FIELDS: [&str; 4] = ["content", "reasoning_content", "reasoning", "refusal"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// A text field of a chat delta (index into [`DELTA_FIELDS`]).
+    Field(usize),
+    /// The `function.arguments` of a streamed tool call, by tool-call index.
+    Tool(u64),
+    /// A completion's `text`.
+    Text,
+}
 
 /// Rewrites a chat or completion SSE stream with the rule sets' redactions.
 #[derive(Debug)]
@@ -26,132 +46,198 @@ pub struct StreamRedactor {
     sets: Arc<[Arc<RuleSet>]>,
     /// Bytes of an event whose end has not arrived yet.
     pending: BytesMut,
-    /// Text held back, per choice index.
-    held: Vec<(u64, String)>,
+    /// Text held back, per choice index and field.
+    held: Vec<(u64, Slot, String)>,
     /// The last chunk with choices, to dress the flush chunk like the others (id, model…).
     template: Option<Map<String, Value>>,
-    /// Whether the held text belongs in `delta.content` (chat) or `text` (completions).
+    /// Chat (`delta`) or completions (`text`).
     chat: bool,
     pub hits: Hits,
 }
 
 impl StreamRedactor {
-    pub fn new(sets: Arc<[Arc<RuleSet>]>) -> Self {
+    /// `chat`: the stream answers `/v1/chat/completions` (else `/v1/completions`).
+    pub fn new(sets: Arc<[Arc<RuleSet>]>, chat: bool) -> Self {
         StreamRedactor {
             sets,
             pending: BytesMut::new(),
             held: Vec::new(),
             template: None,
-            chat: true,
+            chat,
             hits: Hits::default(),
         }
     }
 
-    /// Rewrites the events completed by `frame` onto `out`.
+    /// Rewrites the events completed by `frame` onto `out`. Events that cannot be checked
+    /// (data that is not a JSON object) are dropped rather than let through.
     pub fn feed(&mut self, frame: Bytes, out: &mut impl Extend<Bytes>) {
         self.pending.extend_from_slice(&frame);
         while let Some((_, next)) = split_event(&self.pending) {
             let event = self.pending.split_to(next).freeze();
-            out.extend(Some(self.event(event)));
+            out.extend(self.event(event));
         }
     }
 
-    /// Before `[DONE]`: whatever is still held, as one more chunk per choice, and any partial
-    /// event left as it came.
+    /// Before `[DONE]`: whatever is still held, as one more chunk per choice. A partial event
+    /// left over is dropped (it cannot be checked).
     pub fn finish(&mut self, out: &mut impl Extend<Bytes>) {
-        let held = std::mem::take(&mut self.held);
-        for (index, text) in held {
-            if text.is_empty() {
+        self.pending.clear();
+        let mut indexes: Vec<u64> = self.held.iter().map(|(i, _, _)| *i).collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        for index in indexes {
+            let mut choice = Map::new();
+            choice.insert("index".into(), json!(index));
+            if self.chat {
+                choice.insert("delta".into(), Value::Object(Map::new()));
+            }
+            choice.insert("finish_reason".into(), Value::Null);
+            if !self.flush(index, &mut choice) {
                 continue;
             }
-            let text = redact_all(&self.sets, &text, &mut self.hits).unwrap_or(text);
             let mut chunk = self.template.clone().unwrap_or_default();
-            let choice = if self.chat {
-                json!({"index": index, "delta": {"content": text}, "finish_reason": null})
-            } else {
-                json!({"index": index, "text": text, "finish_reason": null})
-            };
-            chunk.insert("choices".into(), Value::Array(vec![choice]));
+            chunk.insert("choices".into(), Value::Array(vec![Value::Object(choice)]));
             out.extend(Some(data_event(&Value::Object(chunk))));
         }
-        if !self.pending.is_empty() {
-            out.extend(Some(self.pending.split().freeze()));
-        }
+        self.held.clear();
     }
 
-    fn event(&mut self, event: Bytes) -> Bytes {
+    fn event(&mut self, event: Bytes) -> Option<Bytes> {
         let data = event_data(&event);
-        if data.first() != Some(&b'{') {
-            return event; // comments, keep-alives, [DONE]
+        if data.is_empty() || data.as_slice() == b"[DONE]" {
+            return Some(event); // comments, keep-alives, [DONE]
         }
-        let Ok(mut value) = serde_json::from_slice::<Value>(&data) else {
-            return event;
-        };
-        if !self.rewrite(&mut value) {
-            return event;
+        let mut value = serde_json::from_slice::<Value>(&data).ok()?;
+        if !value.is_object() {
+            return None;
         }
-        data_event(&value)
+        match self.rewrite(&mut value)? {
+            false => Some(event),
+            true => Some(data_event(&value)),
+        }
     }
 
-    /// Holds back and releases the text of each choice of one chunk; whether it changed.
-    fn rewrite(&mut self, value: &mut Value) -> bool {
+    /// Holds back and releases the text of one chunk: `Some(changed)`, or `None` when the chunk
+    /// must be dropped.
+    fn rewrite(&mut self, value: &mut Value) -> Option<bool> {
         let Some(Value::Array(choices)) = value.get_mut("choices") else {
-            return false;
+            return Some(false);
         };
         if choices.is_empty() {
-            return false; // the usage chunk
+            return Some(false); // the usage chunk
         }
         let mut changed = false;
         for c in choices.iter_mut() {
-            let Value::Object(c) = c else { continue };
+            let Value::Object(c) = c else { return None };
             let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            if index >= MAX_CHOICES {
+                return None;
+            }
             let finished = c.get("finish_reason").is_some_and(|f| !f.is_null());
-            self.chat = !c.contains_key("text");
-            let slot = if self.chat {
-                c.get_mut("delta").and_then(|d| d.get_mut("content"))
-            } else {
-                c.get_mut("text")
-            };
-            let incoming = match slot {
-                Some(Value::String(s)) => Some(std::mem::take(s)),
-                _ => None,
-            };
-            if incoming.is_none() && !finished {
-                continue;
-            }
-            let at = match self.held.iter().position(|(i, _)| *i == index) {
-                Some(at) => at,
-                None => {
-                    self.held.push((index, String::new()));
-                    self.held.len() - 1
-                }
-            };
-            let buf = &mut self.held[at].1;
-            if let Some(s) = &incoming {
-                buf.push_str(s);
-            }
-            let release = release(&self.sets, buf, finished, &mut self.hits);
-            if incoming.is_none() && release.is_empty() {
-                continue;
-            }
-            changed = true;
             if self.chat {
-                let delta = c
-                    .entry("delta")
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if let Value::Object(d) = delta {
-                    d.insert("content".into(), Value::String(release));
+                if let Some(Value::Object(delta)) = c.get_mut("delta") {
+                    for (fi, field) in DELTA_FIELDS.iter().enumerate() {
+                        if let Some(Value::String(s)) = delta.get_mut(*field) {
+                            let incoming = std::mem::take(s);
+                            *s = self.pass(index, Slot::Field(fi), &incoming, finished);
+                            changed = true;
+                        }
+                    }
+                    if let Some(Value::Array(calls)) = delta.get_mut("tool_calls") {
+                        for call in calls {
+                            let ti = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+                            if let Some(Value::String(a)) = call
+                                .get_mut("function")
+                                .and_then(|f| f.get_mut("arguments"))
+                            {
+                                let incoming = std::mem::take(a);
+                                *a = self.pass(index, Slot::Tool(ti), &incoming, finished);
+                                changed = true;
+                            }
+                        }
+                    }
                 }
-            } else {
-                c.insert("text".into(), Value::String(release));
+            } else if let Some(Value::String(s)) = c.get_mut("text") {
+                let incoming = std::mem::take(s);
+                *s = self.pass(index, Slot::Text, &incoming, finished);
+                changed = true;
+            }
+            if finished {
+                if self.chat && !c.contains_key("delta") {
+                    c.insert("delta".into(), Value::Object(Map::new()));
+                }
+                changed |= self.flush(index, c);
             }
         }
         if changed && let Value::Object(map) = value {
             let mut template = map.clone();
             template.remove("usage");
+            template.remove("choices");
             self.template = Some(template);
         }
-        changed
+        Some(changed)
+    }
+
+    /// Adds `text` to the slot's held text and returns what may go out now.
+    fn pass(&mut self, index: u64, slot: Slot, text: &str, all: bool) -> String {
+        let at = match self
+            .held
+            .iter()
+            .position(|(i, s, _)| *i == index && *s == slot)
+        {
+            Some(at) => at,
+            None => {
+                self.held.push((index, slot, String::new()));
+                self.held.len() - 1
+            }
+        };
+        let buf = &mut self.held[at].2;
+        buf.push_str(text);
+        release(&self.sets, buf, all, &mut self.hits)
+    }
+
+    /// Releases everything still held for choice `index` into `choice` (its `delta`, or `text`);
+    /// whether anything was added.
+    fn flush(&mut self, index: u64, choice: &mut Map<String, Value>) -> bool {
+        let mut added = false;
+        for (i, slot, buf) in self.held.iter_mut() {
+            if *i != index || buf.is_empty() {
+                continue;
+            }
+            let text = release(&self.sets, buf, true, &mut self.hits);
+            added = true;
+            match *slot {
+                Slot::Text => append(choice, "text", &text),
+                Slot::Field(fi) => {
+                    if let Some(Value::Object(delta)) = choice.get_mut("delta") {
+                        append(delta, DELTA_FIELDS[fi], &text);
+                    }
+                }
+                Slot::Tool(ti) => {
+                    if let Some(Value::Object(delta)) = choice.get_mut("delta") {
+                        let calls = delta
+                            .entry("tool_calls")
+                            .or_insert_with(|| Value::Array(Vec::new()));
+                        if let Value::Array(calls) = calls {
+                            calls.push(json!({"index": ti, "function": {"arguments": text}}));
+                        }
+                    }
+                }
+            }
+        }
+        self.held
+            .retain(|(i, _, buf)| *i != index || !buf.is_empty());
+        added
+    }
+}
+
+/// Appends `text` to the string field `key` (created when absent).
+fn append(map: &mut Map<String, Value>, key: &str, text: &str) {
+    match map.get_mut(key) {
+        Some(Value::String(s)) => s.push_str(text),
+        _ => {
+            map.insert(key.into(), Value::String(text.to_string()));
+        }
     }
 }
 
@@ -164,17 +250,16 @@ fn release(sets: &[Arc<RuleSet>], buf: &mut String, all: bool, hits: &mut Hits) 
         if n <= HOLDBACK_CHARS {
             return String::new();
         }
-        let mut cut = buf
-            .char_indices()
-            .nth(n - HOLDBACK_CHARS)
-            .map_or(buf.len(), |(i, _)| i);
+        let at_char = |k: usize| buf.char_indices().nth(k).map_or(buf.len(), |(i, _)| i);
+        let mut cut = at_char(n - HOLDBACK_CHARS);
+        let floor = at_char(n.saturating_sub(MAX_HOLD_CHARS));
         // Never cut through a match: move back to its start, until nothing straddles the cut.
         let found: Vec<(usize, usize)> = sets.iter().flat_map(|s| s.matches(buf)).collect();
         loop {
             let before = cut;
             for &(s, e) in &found {
                 if s < cut && e > cut {
-                    cut = s;
+                    cut = s.max(floor);
                 }
             }
             if cut == before {
@@ -208,7 +293,7 @@ mod tests {
         )
         .unwrap();
         let set = Arc::new(RuleSet::compile("out", &raw).unwrap());
-        StreamRedactor::new(vec![set].into())
+        StreamRedactor::new(vec![set].into(), true)
     }
 
     fn chunk(content: &str, finish: Option<&str>) -> Bytes {
@@ -263,6 +348,58 @@ mod tests {
         r.finish(&mut out);
         assert_eq!(text_of(&out), "mail me at [EMAIL]");
         assert_eq!(out[1].as_ref(), b": keep-alive\n\n");
+    }
+
+    #[test]
+    fn tool_call_arguments_and_reasoning_are_held_and_redacted_too() {
+        let mut r = redactor();
+        let mut out: Vec<Bytes> = Vec::new();
+        let tool = |args: &str| {
+            data_event(&json!({"id": "c1", "choices": [{"index": 0, "delta": {
+                "tool_calls": [{"index": 0, "function": {"arguments": args}}]}, "finish_reason": null}]}))
+        };
+        r.feed(tool("{\"to\":\"jane.d"), &mut out);
+        r.feed(tool("oe@example.com\"}"), &mut out);
+        r.feed(
+            data_event(&json!({"id": "c1", "choices": [{"index": 0, "delta": {
+                "reasoning_content": "card 4111 1111 "}, "finish_reason": null}]})),
+            &mut out,
+        );
+        r.feed(
+            data_event(&json!({"id": "c1", "choices": [{"index": 0, "delta": {
+                "reasoning_content": "1111 1111"}, "finish_reason": "tool_calls"}]})),
+            &mut out,
+        );
+        let all: String = out
+            .iter()
+            .map(|e| String::from_utf8(e.to_vec()).unwrap())
+            .collect();
+        assert!(!all.contains("jane") && !all.contains("4111"), "{all}");
+        assert!(all.contains("[EMAIL]") && all.contains("[CARD]"), "{all}");
+    }
+
+    #[test]
+    fn events_that_cannot_be_checked_are_dropped() {
+        let mut r = redactor();
+        let mut out: Vec<Bytes> = Vec::new();
+        r.feed(
+            Bytes::from_static(b"data: card 4111 1111 1111 1111\n\n"),
+            &mut out,
+        );
+        r.feed(
+            Bytes::from_static(b"data: {\"choices\": \"\\ud800\"}\n\n"),
+            &mut out,
+        );
+        assert!(out.is_empty(), "{out:?}");
+        // A completions stream keeps its shape when text is flushed.
+        let mut r = StreamRedactor::new(r.sets.clone(), false);
+        r.feed(
+            data_event(&json!({"id": "c", "choices": [{"index": 0, "text": "mail a@b.co", "finish_reason": null}]})),
+            &mut out,
+        );
+        r.finish(&mut out);
+        let last: Value = serde_json::from_slice(&event_data(out.last().unwrap())).unwrap();
+        assert_eq!(last["choices"][0]["text"], "mail [EMAIL]");
     }
 
     #[test]
