@@ -29,7 +29,7 @@ pub struct SseScanner {
     /// Ordinary (output) events seen.
     events: u32,
     done: bool,
-    /// `data: [DONE]` and whatever followed it in its frame, released only after metering.
+    /// The `data: [DONE]` event, released only after metering.
     held: Option<Bytes>,
 }
 
@@ -77,8 +77,7 @@ impl SseScanner {
         self.done
     }
 
-    /// The `[DONE]` event (and anything after it in its frame), held back until the caller has
-    /// metered the request.
+    /// The `[DONE]` event, held back until the caller has metered the request.
     pub fn take_held(&mut self) -> Option<Bytes> {
         self.held.take()
     }
@@ -128,7 +127,10 @@ impl SseScanner {
                         out.extend([data.slice(run_start..event_start)]);
                     }
                     self.done = true;
-                    self.held = Some(data.slice(event_start..));
+                    // The [DONE] event alone: nothing valid follows it, in this frame or a
+                    // later one (found by fuzzing: what followed in the same frame used to
+                    // reach the client, so the output depended on framing).
+                    self.held = Some(data.slice(event_start..line_start));
                     return Ok(());
                 }
             }

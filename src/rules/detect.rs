@@ -139,7 +139,8 @@ impl Detector {
 
     /// Confirmed matches in `text`, as byte ranges in order, not overlapping.
     pub fn find(&self, text: &str) -> Vec<(usize, usize)> {
-        let mut out = Vec::new();
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        let mut refused: Vec<(usize, usize)> = Vec::new();
         let mut at = 0;
         while at <= text.len() {
             let Some(m) = self.regex.find_at(text, at) else {
@@ -150,28 +151,69 @@ impl Detector {
                 at = next_char(text, m.end());
                 continue;
             }
-            match self.confirm(text, m.start(), m.end()) {
+            // A match ending right here is replaced: it is a boundary, not a longer number.
+            let joined = out.last().is_some_and(|&(_, e)| e == m.start());
+            match self.confirm(text, m.start(), m.end(), joined, None) {
                 Some(end) => {
                     out.push((m.start(), end));
                     at = end;
                 }
-                None => at = next_char(text, m.start()),
+                None => {
+                    refused.push((m.start(), m.end()));
+                    at = next_char(text, m.start());
+                }
+            }
+        }
+        // The same for a match right after a candidate: right to left, so that a chain of
+        // numbers separated only by each other resolves in one pass. Redaction is thereby
+        // idempotent (found by fuzzing: a second pass used to find numbers the first freed).
+        if self.builtin.is_some() && !out.is_empty() {
+            for &(s, e) in refused.iter().rev() {
+                let i = out.partition_point(|&(ms, _)| ms < s);
+                let Some(&(next, _)) = out.get(i) else {
+                    continue;
+                };
+                let prev_end = i.checked_sub(1).map(|p| out[p].1);
+                if prev_end.is_some_and(|pe| pe > s) {
+                    continue;
+                }
+                let joined = prev_end == Some(s);
+                if let Some(end) = self.confirm(text, s, e, joined, Some(next)) {
+                    out.insert(i, (s, end));
+                }
             }
         }
         out
     }
 
     /// The end of the confirmed match starting at `start` (perhaps shorter than the regex's).
-    fn confirm(&self, text: &str, start: usize, end: usize) -> Option<usize> {
+    /// `joined`: a match ends at `start`; `follow`: a match starts there, so the candidate must
+    /// end there at the latest, and may end there without a boundary.
+    fn confirm(
+        &self,
+        text: &str,
+        start: usize,
+        end: usize,
+        joined: bool,
+        follow: Option<usize>,
+    ) -> Option<usize> {
         let Some(b) = self.builtin else {
             return Some(end);
         };
         let bytes = text.as_bytes();
+        let end = follow.map_or(end, |f| end.min(f));
+        if end <= start {
+            return None;
+        }
         let before = start.checked_sub(1).map(|i| bytes[i]);
+        let digit_ok = joined || digit_free(before);
+        let alnum_ok = joined || alnum_free(before);
+        let after_digit = |e: usize| follow == Some(e) || digit_free(bytes.get(e).copied());
+        let after_alnum = |e: usize| follow == Some(e) || alnum_free(bytes.get(e).copied());
         match b {
             Builtin::Email => Some(end),
             Builtin::CnMobile | Builtin::Phone => {
-                if !digit_free(before) {
+                if !digit_ok {
                     return None;
                 }
                 // The longest prefix ending in a digit with 7 to 15 digits and a boundary.
@@ -180,34 +222,38 @@ impl Detector {
                         .iter()
                         .filter(|c| c.is_ascii_digit())
                         .count();
-                    bytes[e - 1].is_ascii_digit()
-                        && digit_free(bytes.get(e).copied())
-                        && (7..=15).contains(&digits)
+                    bytes[e - 1].is_ascii_digit() && after_digit(e) && (7..=15).contains(&digits)
                 })
             }
-            Builtin::CnId => (digit_free(before)
-                && digit_free(bytes.get(end).copied())
-                && cn_id_valid(&bytes[start..end]))
-            .then_some(end),
+            Builtin::CnId => {
+                // Not inside a longer run of digits (an `X` after a digit ends another ID: two
+                // IDs glued together are one 36-character run, not two IDs; found by fuzzing).
+                let x_tail = !joined
+                    && start >= 2
+                    && matches!(bytes[start - 1], b'X' | b'x')
+                    && bytes[start - 2].is_ascii_digit();
+                (digit_ok
+                    && !x_tail
+                    && end - start == 18
+                    && after_digit(end)
+                    && cn_id_valid(&bytes[start..end]))
+                .then_some(end)
+            }
             Builtin::Card => {
-                if !digit_free(before) {
+                if !digit_ok {
                     return None;
                 }
                 // The longest prefix ending in a digit that is a valid number with a boundary.
                 (start + 1..=end).rev().find(|&e| {
-                    bytes[e - 1].is_ascii_digit()
-                        && digit_free(bytes.get(e).copied())
-                        && luhn_valid(&bytes[start..e])
+                    bytes[e - 1].is_ascii_digit() && after_digit(e) && luhn_valid(&bytes[start..e])
                 })
             }
             Builtin::Iban => {
-                if !alnum_free(before) {
+                if !alnum_ok {
                     return None;
                 }
                 (start + 1..=end).rev().find(|&e| {
-                    bytes[e - 1] != b' '
-                        && alnum_free(bytes.get(e).copied())
-                        && iban_valid(&bytes[start..e])
+                    bytes[e - 1] != b' ' && after_alnum(e) && iban_valid(&bytes[start..e])
                 })
             }
         }
@@ -337,6 +383,12 @@ mod tests {
         assert_eq!(
             found(Builtin::CnId, "ID11010519491231002X"),
             ["11010519491231002X"]
+        );
+        assert!(found(Builtin::CnId, "11010519491231002X11010519491231002X").is_empty());
+        // Numbers separated only by each other are each found, in one pass.
+        assert_eq!(
+            found(Builtin::Phone, "+87 138111+87 138(4111 11 +2"),
+            ["+87 138111", "+87 138(4111 11"]
         );
         assert!(cn_id_valid(b"440308199901011234"));
         assert!(!cn_id_valid(b"440308199901011235"));

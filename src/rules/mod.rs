@@ -79,6 +79,9 @@ impl Hits {
     }
 }
 
+/// Redaction passes over one text at most (see [`RuleSet::redact`]).
+const MAX_PASSES: usize = 4;
+
 /// Longest name or replacement token accepted.
 const MAX_NAME: usize = 64;
 
@@ -367,22 +370,32 @@ impl RuleSet {
     /// Detectors see full-width digits and letters as ASCII (Chinese input methods type them).
     pub fn redact(&self, text: &str, hits: &mut Hits) -> Option<String> {
         let mut out: Option<String> = None;
-        for r in &self.redact {
-            let cur = out.as_deref().unwrap_or(text);
-            let found = find(&r.detector, cur);
-            if found.is_empty() {
-                continue;
+        // A replacement can free a neighbour that a longer run of digits hid from an earlier
+        // detector ("…650105" + "19491231001" once a custom rule took "ACME-650105"), so the
+        // set runs again until nothing changes (found by fuzzing), a few passes at most.
+        for _ in 0..MAX_PASSES {
+            let mut changed = false;
+            for r in &self.redact {
+                let cur = out.as_deref().unwrap_or(text);
+                let found = find(&r.detector, cur);
+                if found.is_empty() {
+                    continue;
+                }
+                let mut next = String::with_capacity(cur.len());
+                let mut last = 0;
+                for (s, e) in found {
+                    next.push_str(&cur[last..s]);
+                    next.push_str(&r.replacement);
+                    last = e;
+                }
+                next.push_str(&cur[last..]);
+                hits.add(&r.hit);
+                out = Some(next);
+                changed = true;
             }
-            let mut next = String::with_capacity(cur.len());
-            let mut last = 0;
-            for (s, e) in found {
-                next.push_str(&cur[last..s]);
-                next.push_str(&r.replacement);
-                last = e;
+            if !changed {
+                break;
             }
-            next.push_str(&cur[last..]);
-            hits.add(&r.hit);
-            out = Some(next);
         }
         out
     }
