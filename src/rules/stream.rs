@@ -262,6 +262,11 @@ fn release(sets: &[Arc<RuleSet>], buf: &mut String, all: bool, hits: &mut Hits) 
                     cut = s.max(floor);
                 }
             }
+            // Nor next to a digit: whether digits form a card, an ID or a phone number depends
+            // on their neighbours, so a run of them is released whole (found by fuzzing).
+            while cut > floor && near_digit(buf.as_bytes(), cut) {
+                cut = buf[..cut].char_indices().next_back().map_or(0, |(i, _)| i);
+            }
             if cut == before {
                 break;
             }
@@ -271,6 +276,13 @@ fn release(sets: &[Arc<RuleSet>], buf: &mut String, all: bool, hits: &mut Hits) 
     let rest = buf.split_off(cut);
     let head = std::mem::replace(buf, rest);
     redact_all(sets, &head, hits).unwrap_or(head)
+}
+
+/// Whether an ASCII digit lies within two bytes of `at`, on either side.
+fn near_digit(bytes: &[u8], at: usize) -> bool {
+    bytes[at.saturating_sub(2)..(at + 2).min(bytes.len())]
+        .iter()
+        .any(u8::is_ascii_digit)
 }
 
 fn data_event(value: &Value) -> Bytes {
