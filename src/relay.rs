@@ -63,6 +63,17 @@ pub struct Meter {
     pub rules: crate::rules::Hits,
     /// Rule sets that redact the answer.
     pub answer_rules: Option<Arc<[Arc<crate::rules::RuleSet>]>>,
+    /// Whether the usage event has been recorded; a meter dropped before that records a
+    /// client abort (the request was cancelled mid-answer).
+    pub recorded: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if !self.recorded.load(std::sync::atomic::Ordering::Acquire) {
+            self.record_detached(None, 499, Outcome::ClientAborted);
+        }
+    }
 }
 
 /// Spans a meter ends: the request's (its server span ends when the last holder drops it) and
@@ -151,6 +162,12 @@ impl Meter {
     }
 
     pub async fn record(&self, usage: Option<Usage>, status: u16, outcome: Outcome) {
+        if self
+            .recorded
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
         self.settle(status, outcome);
         let event = self.event(usage, status, outcome);
         self.metrics.record_usage(&event);
@@ -167,7 +184,13 @@ impl Meter {
     }
 
     /// Records from a destructor: the request is gone, the event must not be.
-    fn record_detached(&self, usage: Option<Usage>, status: u16, outcome: Outcome) {
+    pub fn record_detached(&self, usage: Option<Usage>, status: u16, outcome: Outcome) {
+        if self
+            .recorded
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
         self.settle(status, outcome);
         let event = self.event(usage, status, outcome);
         self.metrics.record_usage(&event);

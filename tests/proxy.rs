@@ -6,8 +6,9 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use http::{Method, StatusCode};
-use http_body_util::BodyExt;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
 use support::*;
 
 const CHAT: &str = "/v1/chat/completions";
@@ -479,6 +480,32 @@ async fn client_disconnect_cancels_the_upstream_request() {
     assert_eq!(up.state.cancelled.load(Ordering::SeqCst), 1);
     let ev = gw.sink.wait_for(&rid).await;
     assert_eq!(ev.outcome, fuke::metering::Outcome::ClientAborted);
+}
+
+/// A JSON client that gives up while the backend has not answered still leaves a usage
+/// event: the request was made, and the ledger must see it.
+#[tokio::test]
+async fn client_that_gives_up_on_a_json_answer_is_metered() {
+    let (up, gw, c) = setup().await;
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(gw.url(CHAT))
+        .header("authorization", format!("Bearer {KEY_ACME}"))
+        .header("x-request-id", "gives-up-1")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"hang","messages":[{"role":"user","content":"x"}]}"#,
+        )))
+        .unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(300), c.request(req)).await;
+    assert!(waited.is_err(), "the hanging upstream answered");
+    eventually("the upstream to get the request", || async {
+        up.count("hang") == 1
+    })
+    .await;
+    let ev = gw.sink.wait_for("gives-up-1").await;
+    assert_eq!(ev.outcome, fuke::metering::Outcome::ClientAborted);
+    assert_eq!(ev.status, 499);
+    assert!(ev.usage.is_none());
 }
 
 #[tokio::test]

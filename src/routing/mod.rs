@@ -192,12 +192,41 @@ pub struct Call<'a> {
     pub answer_rules: Option<Arc<[Arc<crate::rules::RuleSet>]>>,
     /// A data-residency rule (its name) keeps this request on local candidates.
     pub local_only: Option<Arc<str>>,
+    /// A [`Meter`] has been made for this request: from then on it owns the usage event.
+    pub metered: std::sync::atomic::AtomicBool,
+}
+
+/// Records a client abort for a call dropped while its candidates were being tried (the
+/// client went away before any answer was metered): without it, a JSON request cancelled while
+/// waiting for a backend left no usage event.
+struct AbortGuard<'c, 'a> {
+    call: &'c Call<'a>,
+    armed: bool,
+}
+
+impl Drop for AbortGuard<'_, '_> {
+    fn drop(&mut self) {
+        if self.armed && !self.call.metered.load(std::sync::atomic::Ordering::Acquire) {
+            meter(self.call, None, None, &[], None).record_detached(
+                None,
+                499,
+                Outcome::ClientAborted,
+            );
+        }
+    }
 }
 
 /// Tries the route's candidates until one answers; relays and meters that answer.
 pub async fn serve(call: Call<'_>, payload: Payload<'_>) -> Result<Response<Body>, Error> {
     let mut waited = Duration::ZERO;
-    let mut resp = attempts(&call, payload, &mut waited).await?;
+    let mut guard = AbortGuard {
+        call: &call,
+        armed: true,
+    };
+    let result = attempts(&call, payload, &mut waited).await;
+    guard.armed = false;
+    drop(guard);
+    let mut resp = result?;
     // The gateway's own time: until response headers, less the time spent waiting for
     // backends (answers, first tokens, JSON bodies).
     report_overhead(
@@ -558,6 +587,8 @@ fn meter(
     skipped: &[(&Candidate, Fallback)],
     spans: Option<AttemptSpans>,
 ) -> Meter {
+    call.metered
+        .store(true, std::sync::atomic::Ordering::Release);
     for (_, reason) in skipped {
         call.app
             .metrics
@@ -586,6 +617,7 @@ fn meter(
         kb_chunks: call.kb_chunks,
         rules: call.rules.clone(),
         answer_rules: call.answer_rules.clone(),
+        recorded: std::sync::atomic::AtomicBool::new(false),
         permit,
         trace: match spans {
             Some(s) => Some(MeterTrace {
