@@ -6,6 +6,8 @@
 # assertions and overflow checks are on, so arithmetic overflow is a finding too.
 #
 #   benches/fuzz.sh [SECONDS] [TARGET...]
+#   benches/fuzz.sh check     # CI: build, then run every target once over fuzz/seeds only (the
+#                             # seeds include every input that ever crashed it: a regression test)
 #
 # Prints one line per target: executions, rate, corpus size, and any crash (its input is kept
 # under target/fuzz/artifacts/TARGET/; replay it with the printed command). The corpus grows in
@@ -14,6 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
 shift || true
+check=false
+if [ "$secs" = check ]; then
+  check=true
+fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(request_json sse_scanner policy_yaml rules)
 
@@ -23,8 +29,17 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-co
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
 # --target keeps the flags off build scripts and proc macros, as cargo-fuzz does.
-cargo build --release --manifest-path fuzz/Cargo.toml --target "$triple" \
+cargo build --locked --release --manifest-path fuzz/Cargo.toml --target "$triple" \
   -j "${FUZZ_BUILD_JOBS:-2}" --bins
+
+if $check; then
+  for t in "${targets[@]}"; do
+    "$CARGO_TARGET_DIR/$triple/release/$t" -runs=0 "fuzz/seeds/$t" >"$CARGO_TARGET_DIR/$t.check.log" 2>&1 \
+      || { echo "fuzz seeds: $t FAILED (see $CARGO_TARGET_DIR/$t.check.log)"; tail -n 30 "$CARGO_TARGET_DIR/$t.check.log"; exit 1; }
+    echo "fuzz seeds: $t ok ($(find "fuzz/seeds/$t" -type f | wc -l) inputs)"
+  done
+  exit 0
+fi
 
 printf '%-12s %10s %8s %10s %8s  %s\n' target execs secs "execs/s" corpus findings
 status=0
