@@ -1,5 +1,5 @@
 //! The cost of content rules per request: a typical chat request (system prompt, history,
-//! question; about 1 KB of text) under the demo's `pii` + `safety` sets, without personal data
+//! question; about 1 KB of text) under one set like the demo's `pii` + `safety` (plus a keyword block rule), without personal data
 //! (scan only, the body is sent as it came) and with it (scan and rewrite); and streamed answer
 //! redaction against the plain scanner on the same 400-chunk stream.
 

@@ -32,6 +32,17 @@ pub fn is_cjk(q: &str) -> bool {
     cjk >= 2 && cjk * 4 >= latin
 }
 
+/// A full-width ASCII form (U+FF01–FF5E, as Chinese and Japanese input methods type them) as
+/// its ASCII twin, and the ideographic space as a space; any other character as it is. Shared by
+/// the cache keys, the knowledge base's terms and the content rules.
+pub fn narrow_char(c: char) -> char {
+    match c {
+        '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+        '\u{3000}' => ' ',
+        c => c,
+    }
+}
+
 /// Kana, CJK ideographs (with extension A and compatibility ideographs) and Hangul syllables.
 pub fn is_cjk_char(c: char) -> bool {
     matches!(c as u32,

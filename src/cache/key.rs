@@ -308,12 +308,7 @@ pub fn normalize(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut space = false;
     for c in text.chars() {
-        // Full-width forms (U+FF01..U+FF5E) are ASCII shifted; the ideographic space is a space.
-        let c = match c {
-            '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
-            '\u{3000}' => ' ',
-            c => c,
-        };
+        let c = super::guard::narrow_char(c);
         if c.is_whitespace() {
             space = !out.is_empty();
             continue;

@@ -95,10 +95,7 @@ pub fn terms(text: &str) -> Vec<String> {
     };
     for c in text.chars() {
         // Full-width forms fold to ASCII (ＡＢＣ１２３ -> abc123).
-        let c = match c as u32 {
-            0xFF01..=0xFF5E => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
-            _ => c,
-        };
+        let c = crate::cache::guard::narrow_char(c);
         if is_cjk_char(c) {
             flush_word(&mut word, &mut out);
             run.push(c);

@@ -289,12 +289,12 @@ impl<'a> JsonRequest<'a> {
     /// The body with top-level field `key` set to the JSON `value` (in place of its last
     /// occurrence; earlier duplicates dropped), every other field as it arrived.
     pub fn body_with(&self, key: &str, value: &[u8]) -> Bytes {
-        self.body_with_all(&[(key, value.to_vec())])
+        self.body_with_all(&[(key, value)])
     }
 
     /// The body with each `(key, JSON value)` set as [`body_with`](Self::body_with) does; keys
     /// the body lacks are appended in the order given.
-    pub fn body_with_all(&self, changes: &[(&str, Vec<u8>)]) -> Bytes {
+    pub fn body_with_all(&self, changes: &[(&str, &[u8])]) -> Bytes {
         let last = |key: &str| self.fields.iter().rposition(|(k, _)| k == key);
         let lasts: Vec<Option<usize>> = changes.iter().map(|(k, _)| last(k)).collect();
         let mut out = BytesMut::with_capacity(
@@ -319,7 +319,7 @@ impl<'a> JsonRequest<'a> {
         for (i, (k, raw)) in self.fields.iter().enumerate() {
             let v: &[u8] = match changes.iter().position(|(c, _)| c == k) {
                 Some(ci) if lasts[ci] != Some(i) => continue,
-                Some(ci) => &changes[ci].1,
+                Some(ci) => changes[ci].1,
                 None => raw.get().as_bytes(),
             };
             put(&mut out, k, v);

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use regex::Regex;
 use serde_json::Value;
 
+use crate::cache::guard::narrow_char;
 use crate::error::Error;
 use crate::openai::{Endpoint, JsonRequest};
 use crate::policy::raw::{RawRuleSet, Residency};
@@ -107,15 +108,6 @@ pub fn fold(text: &str) -> String {
         }
     }
     out
-}
-
-/// A full-width ASCII form (U+FF01–FF5E) or the ideographic space as its ASCII twin.
-fn narrow_char(c: char) -> char {
-    match c {
-        '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
-        '\u{3000}' => ' ',
-        c => c,
-    }
 }
 
 /// A block pattern as written, with full-width characters turned into their ASCII twins as
@@ -682,9 +674,12 @@ pub fn apply(sets: &[Arc<RuleSet>], req: &JsonRequest<'_>) -> Result<Applied, Re
             .any(|s| s.caps.max_messages.is_some() || s.caps.max_prompt_chars.is_some());
     if let Some(s) = text_rules {
         // What the rules check must be what the upstream reads.
+        // Top-level repeats of any key; nested ones inside the text the rules read.
         let mut seen: Vec<&str> = Vec::new();
         for (key, raw) in req.fields() {
-            if seen.contains(&key) || has_duplicate_keys(raw.get()) {
+            if seen.contains(&key)
+                || (text_fields(req.endpoint).contains(&key) && has_duplicate_keys(raw.get()))
+            {
                 let rule = s.cap_hit("duplicate_keys");
                 return Err(refused(
                     rule.clone(),
@@ -756,11 +751,9 @@ pub fn apply(sets: &[Arc<RuleSet>], req: &JsonRequest<'_>) -> Result<Applied, Re
         let mut changed = false;
         let hits = &mut applied.hits;
         for_each_text(field, &mut value, |text: &mut String| {
-            for s in sets {
-                if let Some(new) = s.redact(text, hits) {
-                    *text = new;
-                    changed = true;
-                }
+            if let Some(new) = redact_all(sets, text, hits) {
+                *text = new;
+                changed = true;
             }
         });
         if changed {
@@ -814,6 +807,7 @@ pub fn apply(sets: &[Arc<RuleSet>], req: &JsonRequest<'_>) -> Result<Applied, Re
         }
     }
     if !changes.is_empty() {
+        let changes: Vec<(&str, &[u8])> = changes.iter().map(|(k, v)| (*k, v.as_slice())).collect();
         applied.body = Some(req.body_with_all(&changes));
     }
     Ok(applied)
@@ -853,11 +847,9 @@ pub fn redact_answer(
 ) -> Result<Option<Bytes>, Unreadable> {
     let mut changed = false;
     let mut apply = |text: &mut String| {
-        for s in sets {
-            if let Some(new) = s.redact(text, hits) {
-                *text = new;
-                changed = true;
-            }
+        if let Some(new) = redact_all(sets, text, hits) {
+            *text = new;
+            changed = true;
         }
     };
     let Ok(mut value) = serde_json::from_slice::<Value>(body) else {
