@@ -56,6 +56,8 @@ pub struct App {
     pub settings: Settings,
     /// OTLP tracing; `None` when off.
     pub tracing: Option<Arc<Tracing>>,
+    /// The usage ledger's database (reports read it); unset when the ledger is off.
+    pub ledger: std::sync::OnceLock<crate::ledger::Db>,
     shutting_down: AtomicBool,
 }
 
@@ -77,6 +79,7 @@ impl App {
             limiter: RateLimiter::default(),
             settings,
             tracing,
+            ledger: std::sync::OnceLock::new(),
             shutting_down: AtomicBool::new(false),
         })
     }
@@ -256,7 +259,8 @@ async fn dispatch(
     let endpoint = endpoint_of(&path);
     let is_models = path == "/v1/models" || path.starts_with("/v1/models/");
     let is_admin = path == "/admin/breakers";
-    let method_ok = match (&endpoint, is_models || is_admin) {
+    let is_usage = path == "/v1/usage";
+    let method_ok = match (&endpoint, is_models || is_admin || is_usage) {
         (Some(_), _) => method == Method::POST,
         (None, true) => method == Method::GET,
         (None, false) => {
@@ -275,6 +279,7 @@ async fn dispatch(
     labels.endpoint = match endpoint {
         Some(e) => e.as_str(),
         None if is_admin => "admin",
+        None if is_usage => "usage",
         None => "models",
     };
 
@@ -296,6 +301,9 @@ async fn dispatch(
     }
     if is_admin {
         return breakers(app, &principal);
+    }
+    if is_usage {
+        return usage_report(app, &principal, &req).await;
     }
 
     let stage = trace.map(|t| {
@@ -341,6 +349,129 @@ fn check_policy(app: &App, tenant: &crate::policy::Tenant) -> Result<(), Error> 
         });
     }
     Ok(())
+}
+
+/// `GET /v1/usage?from=&to=&tenant=&group_by=day|model|key&format=json|csv`: ledger totals.
+/// Finance and admin keys see every tenant; a tenant key sees its own tenant only.
+async fn usage_report<B>(
+    app: &App,
+    principal: &Principal,
+    req: &Request<B>,
+) -> Result<Response<Body>, Error> {
+    use crate::ledger::report::{self, End, GroupBy};
+    let bad = |param: &str, message: String| Error::InvalidRequest {
+        message,
+        param: Some(param.to_string()),
+        code: None,
+    };
+    let mut from = None;
+    let mut to = None;
+    let mut tenant = None;
+    let mut group_by = GroupBy::Tenant;
+    let mut csv = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/csv"));
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v)
+            .ok_or_else(|| bad(k, format!("`{k}` is not valid percent-encoded UTF-8")))?;
+        match k {
+            "from" => from = Some(report::parse_time(&v, End::From).map_err(|m| bad("from", m))?),
+            "to" => to = Some(report::parse_time(&v, End::To).map_err(|m| bad("to", m))?),
+            "tenant" => tenant = Some(v),
+            "group_by" => {
+                group_by = GroupBy::parse(&v).ok_or_else(|| {
+                    bad(
+                        "group_by",
+                        format!("`{v}` is not one of day, model, key, tenant"),
+                    )
+                })?
+            }
+            "format" => {
+                csv = match v.as_str() {
+                    "csv" => true,
+                    "json" => false,
+                    _ => return Err(bad("format", format!("`{v}` is not one of json, csv"))),
+                }
+            }
+            _ => return Err(bad(k, format!("unknown parameter `{k}`"))),
+        }
+    }
+    if principal.role == Role::Tenant {
+        match &tenant {
+            Some(t) if **t != *principal.tenant => {
+                return Err(Error::Forbidden {
+                    role: principal.role.as_str(),
+                    what: format!("the usage of tenant {t}"),
+                });
+            }
+            _ => tenant = Some(principal.tenant.to_string()),
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let to = to.unwrap_or(now);
+    let from = from.unwrap_or(to - 30 * 86_400_000);
+    if from >= to {
+        return Err(bad("from", "`from` must be before `to`".into()));
+    }
+    let Some(db) = app.ledger.get() else {
+        return Err(Error::Unavailable {
+            message: "the usage ledger is off".into(),
+            detail: "ledger.url is `off` in fuke.yaml".into(),
+        });
+    };
+    let q = report::Query {
+        from_ms: from,
+        to_ms: to,
+        tenant,
+        group_by,
+    };
+    let rep = report::run(db, &q).await.map_err(|e| Error::Unavailable {
+        message: "the usage ledger cannot be read".into(),
+        detail: e.to_string(),
+    })?;
+    let (bytes, ctype) = if csv {
+        (report::csv(&rep).into_bytes(), "text/csv; charset=utf-8")
+    } else {
+        (
+            serde_json::to_vec(&rep).map_err(|e| Error::Internal(e.to_string()))?,
+            "application/json",
+        )
+    };
+    let mut resp = Response::new(body::full(bytes));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    Ok(resp)
+}
+
+/// `%XX` and `+` decoding of one query value.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `GET /admin/breakers` (admin keys): every backend + model's breaker state.

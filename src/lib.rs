@@ -55,6 +55,7 @@ pub mod devcerts;
 pub mod embed;
 pub mod error;
 pub mod kb;
+pub mod ledger;
 pub mod limits;
 pub mod metering;
 pub mod openai;

@@ -11,7 +11,7 @@ use fuke::app::App;
 use fuke::backends::Registry;
 use fuke::backends::local::LocalModels;
 use fuke::config::{Config, LogFormat};
-use fuke::metering::LogSink;
+use fuke::metering::{LogSink, Tee, UsageSink};
 use fuke::policy::PolicyStore;
 use fuke::server::{self, Transport};
 use fuke::telemetry::{self, Metrics, ResultLabels};
@@ -50,6 +50,24 @@ enum Command {
         id: Option<String>,
         #[arg(long, default_value = "tenant", value_parser = ["tenant", "finance", "admin"])]
         role: String,
+    },
+    /// Usage and cost from the ledger, per tenant (and day, model or key).
+    Usage {
+        #[arg(long, short, default_value = "fuke.yaml", env = "FUKE_CONFIG")]
+        config: PathBuf,
+        /// One tenant (default: all).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Start (2026-11-01, 2026-11-01T08:00:00Z or unix seconds; default: 30 days before --to).
+        #[arg(long)]
+        from: Option<String>,
+        /// End, exclusive (a bare date includes that whole day; default: now).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value = "tenant", value_parser = ["tenant", "day", "model", "key"])]
+        group_by: String,
+        #[arg(long, default_value = "table", value_parser = ["table", "csv", "json"])]
+        format: String,
     },
     /// Certificates.
     Certs {
@@ -106,6 +124,14 @@ fn main() -> ExitCode {
         Command::Check { config } => return check(config),
         Command::Keygen { tenant, id, role } => keygen(&tenant, id, &role),
         Command::Kb { config, command } => kb_command(config, command),
+        Command::Usage {
+            config,
+            tenant,
+            from,
+            to,
+            group_by,
+            format,
+        } => usage_command(config, tenant, from, to, group_by, format),
         Command::Certs {
             command: CertsCommand::Dev { dir },
         } => fuke::devcerts::generate(&["localhost", "127.0.0.1", "::1"])
@@ -285,6 +311,71 @@ fn kb_command(config_path: PathBuf, command: KbCommand) -> anyhow::Result<()> {
     })
 }
 
+/// A database URL without its password, for logs and errors.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// `fuke usage`: a report from the ledger fuke.yaml names.
+fn usage_command(
+    config_path: PathBuf,
+    tenant: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    group_by: String,
+    format: String,
+) -> anyhow::Result<()> {
+    use fuke::ledger::report::{self, End, GroupBy};
+    let config = Config::load(&config_path).map_err(|p| anyhow::anyhow!("{p}"))?;
+    let cfg = config
+        .ledger
+        .clone()
+        .context("the usage ledger is off (ledger.url: off in fuke.yaml)")?;
+    let group_by = GroupBy::parse(&group_by).with_context(|| {
+        format!("--group-by `{group_by}` is not one of tenant, day, model, key")
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let to = match to {
+        Some(t) => report::parse_time(&t, End::To).map_err(|e| anyhow::anyhow!("--to: {e}"))?,
+        None => now,
+    };
+    let from = match from {
+        Some(f) => report::parse_time(&f, End::From).map_err(|e| anyhow::anyhow!("--from: {e}"))?,
+        None => to - 30 * 86_400_000,
+    };
+    anyhow::ensure!(from < to, "--from must be before --to");
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let db = fuke::ledger::Db::connect(&cfg.url)
+            .await
+            .with_context(|| format!("opening the usage ledger {}", redact_url(&cfg.url)))?;
+        let q = report::Query {
+            from_ms: from,
+            to_ms: to,
+            tenant,
+            group_by,
+        };
+        let rep = report::run(&db, &q).await?;
+        match format.as_str() {
+            "csv" => print!("{}", report::csv(&rep)),
+            "json" => println!("{}", serde_json::to_string_pretty(&rep)?),
+            _ => print!("{}", report::table(&rep)),
+        }
+        Ok(())
+    })
+}
+
 fn keygen(tenant: &str, id: Option<String>, role: &str) -> anyhow::Result<()> {
     let secret: [u8; 32] = rand::random();
     let key = format!("fk-{}", hex::encode(secret));
@@ -349,7 +440,21 @@ async fn serve_async(
     let policy = Arc::new(
         PolicyStore::open(&config.policies_dir, backends).map_err(|p| anyhow::anyhow!("{p}"))?,
     );
-    let sink = Arc::new(LogSink::new(log_writer));
+    let log_sink: Arc<dyn UsageSink> = Arc::new(LogSink::new(log_writer));
+    let (sink, ledger_db): (Arc<dyn UsageSink>, _) = match &config.ledger {
+        Some(cfg) => {
+            let ledger = fuke::ledger::Ledger::open(cfg)
+                .await
+                .with_context(|| format!("opening the usage ledger {}", redact_url(&cfg.url)))?;
+            tracing::info!(ledger = %redact_url(&cfg.url), "usage ledger open");
+            let db = ledger.db().clone();
+            (Arc::new(Tee(vec![log_sink, Arc::new(ledger)])), Some(db))
+        }
+        None => {
+            tracing::warn!("usage ledger off (ledger.url: off): usage goes to log lines only");
+            (log_sink, None)
+        }
+    };
     let app = App::new(
         policy.clone(),
         sink,
@@ -357,6 +462,9 @@ async fn serve_async(
         config.settings.clone(),
         tracing_export.clone(),
     );
+    if let Some(db) = ledger_db {
+        let _ = app.ledger.set(db);
+    }
 
     let _policy_watch = {
         let app = app.clone();

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::backends::BoxFuture;
 use crate::cache::CacheUse;
+use crate::ledger::pricing::Pricing;
 use crate::openai::{Endpoint, Usage};
 
 /// How a request ended.
@@ -60,6 +61,40 @@ pub struct UsageEvent {
     pub kb_chunks: u32,
     /// Content rules that fired (`set/rule`), on the request and the answer; never the text.
     pub rules: Vec<Arc<str>>,
+    /// The pricing table of the policy version the request ran under.
+    pub pricing: Option<Arc<Pricing>>,
+}
+
+impl UsageEvent {
+    /// What the request cost (nano-USD) and the price version used; `None` when the served
+    /// model has no price. A cache hit ran no model and costs nothing.
+    pub fn cost(&self) -> Option<(i64, &Arc<str>)> {
+        let pricing = self.pricing.as_ref()?;
+        if matches!(self.cache, CacheUse::Hit { .. }) {
+            return Some((0, &pricing.version));
+        }
+        let price = pricing.price(&self.backend, &self.upstream_model)?;
+        let usage = self.usage.unwrap_or_default();
+        Some((price.cost(&usage), &pricing.version))
+    }
+}
+
+/// Hands every event to several sinks (the log line and the ledger); done when all are.
+pub struct Tee(pub Vec<Arc<dyn UsageSink>>);
+
+impl UsageSink for Tee {
+    fn record(&self, event: UsageEvent) -> BoxFuture<'static, ()> {
+        let mut futs = Vec::with_capacity(self.0.len());
+        if let Some((last, rest)) = self.0.split_last() {
+            for s in rest {
+                futs.push(s.record(event.clone()));
+            }
+            futs.push(last.record(event));
+        }
+        Box::pin(async move {
+            futures_util::future::join_all(futs).await;
+        })
+    }
 }
 
 /// Receives every usage event. `record` completes once the event is safely stored; the gateway

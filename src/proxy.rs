@@ -158,6 +158,7 @@ pub async fn model_call(
         answer_rules: crate::rules::for_answers(&sets),
         rules: crate::rules::Hits::default(),
         local_only: crate::rules::local_only(&sets),
+        pricing: policy.pricing.clone(),
         metered: std::sync::atomic::AtomicBool::new(false),
     };
     if let Some(rule) = call.local_only.clone() {

@@ -63,6 +63,8 @@ pub struct Meter {
     pub rules: crate::rules::Hits,
     /// Rule sets that redact the answer.
     pub answer_rules: Option<Arc<[Arc<crate::rules::RuleSet>]>>,
+    /// Prices of the policy version the request runs under.
+    pub pricing: Option<Arc<crate::ledger::pricing::Pricing>>,
     /// Whether the usage event has been recorded; a meter dropped before that records a
     /// client abort (the request was cancelled mid-answer).
     pub recorded: std::sync::atomic::AtomicBool,
@@ -144,6 +146,7 @@ impl Meter {
             cache: self.cache,
             kb_chunks: self.kb_chunks,
             rules: self.rules.0.clone(),
+            pricing: self.pricing.clone(),
         }
     }
 

@@ -122,6 +122,10 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     pub cache_requests: Family<CacheLabels, Counter>,
     pub cache_saved_tokens: Family<TenantModelLabels, Counter>,
+    /// Usage events (one per model request, as the ledger has rows).
+    pub usage_events: Family<TenantModelLabels, Counter>,
+    /// Cost in nano-USD, as the ledger's `cost_nanousd` column sums.
+    pub cost: Family<TenantModelLabels, Counter>,
     pub rule_hits: Family<RuleLabels, Counter>,
     pub usage_missing: Counter,
     pub policy_reloads: Family<ResultLabels, Counter>,
@@ -206,6 +210,18 @@ impl Metrics {
             "Tokens the cached answers served had cost when they were made",
             cache_saved_tokens.clone(),
         );
+        let usage_events = Family::<TenantModelLabels, Counter>::default();
+        registry.register(
+            "usage_events",
+            "Usage events recorded (one ledger row each), per tenant and model alias",
+            usage_events.clone(),
+        );
+        let cost = Family::<TenantModelLabels, Counter>::default();
+        registry.register(
+            "cost_nanousd",
+            "Cost of the recorded requests in nano-USD (1e-9 USD), from the policy's pricing table",
+            cost.clone(),
+        );
         let usage_missing = Counter::default();
         registry.register(
             "usage_missing",
@@ -247,6 +263,8 @@ impl Metrics {
             tokens,
             cache_requests,
             cache_saved_tokens,
+            usage_events,
+            cost,
             rule_hits,
             usage_missing,
             policy_reloads,
@@ -297,6 +315,16 @@ impl Metrics {
                     model: Label::from(&ev.model_alias),
                 })
                 .inc_by(saved.total_tokens);
+        }
+        let labels = TenantModelLabels {
+            tenant: Label::from(&ev.tenant),
+            model: Label::from(&ev.model_alias),
+        };
+        self.usage_events.get_or_create(&labels).inc();
+        if let Some((nanos, _)) = ev.cost()
+            && nanos > 0
+        {
+            self.cost.get_or_create(&labels).inc_by(nanos as u64);
         }
         let Some(usage) = ev.usage else {
             if ev.status < 400 {

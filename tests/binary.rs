@@ -3,9 +3,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use http::StatusCode;
 use http_body_util::BodyExt;
@@ -14,43 +12,8 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_then_sigterm_drains_the_open_stream() {
     let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
-    std::fs::write(
-        dir.path().join("policies/main.yaml"),
-        policy_yaml(&up.base_url()),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("fuke.yaml"),
-        "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\npolicies: policies\nlog_format: json\n",
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fuke"))
-        .args(["serve", "-c"])
-        .arg(dir.path().join("fuke.yaml"))
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-
-    // The listening address is in the log (port 0 picks a free one).
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("no 'listening' log line");
-        if line.contains("\"listening\"") {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            break v["fields"]["addr"].as_str().unwrap().to_string();
-        }
-    };
+    let dir = binary_dir(&policy_yaml(&up.base_url()), "");
+    let (mut child, addr, rx) = spawn_fuke(dir.path());
 
     let c = client();
     let req = slow_stream_request(&format!("http://{addr}"));

@@ -493,3 +493,49 @@ tenants:
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
 }
+
+#[test]
+fn check_reports_bad_prices_and_ledger_urls_with_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::create_dir_all(p.join("policies")).unwrap();
+    std::fs::write(
+        p.join("fuke.yaml"),
+        "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\nledger:\n  url: mysql://db/fuke\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("policies/a.yaml"),
+        "pricing:
+  version: ''
+  models:
+    gpt-4o-mini: { input: \"0.15\", output: \"0.6\" }
+    odd: { input: \"0.0375\", output: -1 }
+    words: { input: cheap, output: \"1\", cached_input: \"1.5.0\" }
+",
+    )
+    .unwrap();
+    std::fs::write(p.join("policies/b.yaml"), "pricing:\n  models: {}\n").unwrap();
+    let err = String::from_utf8(check(p).stderr).unwrap();
+    assert!(
+        err.contains("fuke.yaml:5: ledger.url: must be sqlite://PATH, postgres://… or off"),
+        "{err}"
+    );
+    std::fs::write(
+        p.join("fuke.yaml"),
+        "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\nledger:\n  url: sqlite://ledger.db\n",
+    )
+    .unwrap();
+    let err = String::from_utf8(check(p).stderr).unwrap();
+    for want in [
+        "a.yaml:2: pricing.version: must not be empty",
+        "a.yaml:5: pricing.models.odd.input: `0.0375` has more than 3 decimal places",
+        "a.yaml:5: pricing.models.odd.output: `-1` is not a price",
+        "a.yaml:6: pricing.models.words.input: `cheap` is not a price",
+        "a.yaml:6: pricing.models.words.cached_input: `1.5.0` is not a price",
+        "b.yaml:1: pricing: defined in more than one policy file",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+    assert!(!err.contains("gpt-4o-mini"), "{err}");
+}

@@ -37,6 +37,18 @@ struct RawConfig {
     data_dir: Option<PathBuf>,
     /// The knowledge base.
     kb: Option<RawKbConfig>,
+    /// The usage ledger; default: a SQLite file in the data directory.
+    ledger: Option<RawLedger>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLedger {
+    /// `sqlite://PATH` (relative to this file), `postgres://…`, or `off`. The environment
+    /// variable `FUKE_LEDGER_URL` overrides it.
+    url: Option<String>,
+    /// Where rows wait when the database is down. Default `DATA_DIR/ledger-spool.jsonl`.
+    spool: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +172,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The knowledge base, when `kb:` is configured.
     pub kb: Option<crate::kb::KbConfig>,
+    /// The usage ledger; `None` when `ledger.url` is `off`.
+    pub ledger: Option<crate::ledger::LedgerConfig>,
     /// The file, and the line of each local model's `path`, for `fuke check`'s reports.
     source: PathBuf,
     local_model_lines: Vec<Option<usize>>,
@@ -354,6 +368,44 @@ impl Config {
             }
         };
         let data_dir = base.join(raw.data_dir.clone().unwrap_or_else(|| "data".into()));
+        let ledger = {
+            let raw_url = std::env::var("FUKE_LEDGER_URL")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .or_else(|| raw.ledger.as_ref().and_then(|l| l.url.clone()));
+            let spool = raw
+                .ledger
+                .as_ref()
+                .and_then(|l| l.spool.as_ref())
+                .map(|s| base.join(s))
+                .unwrap_or_else(|| data_dir.join("ledger-spool.jsonl"));
+            match raw_url.as_deref() {
+                None => Some(crate::ledger::LedgerConfig::embedded(&data_dir)),
+                Some("off") => None,
+                Some(url) => match crate::ledger::Kind::of_url(url) {
+                    Some(crate::ledger::Kind::Sqlite) => {
+                        let path = url
+                            .trim_start_matches("sqlite://")
+                            .trim_start_matches("sqlite:");
+                        Some(crate::ledger::LedgerConfig {
+                            url: format!("sqlite://{}", base.join(path).display()),
+                            spool,
+                        })
+                    }
+                    Some(crate::ledger::Kind::Postgres) => Some(crate::ledger::LedgerConfig {
+                        url: url.to_string(),
+                        spool,
+                    }),
+                    None => {
+                        add(
+                            "ledger.url".into(),
+                            "must be sqlite://PATH, postgres://… or off".into(),
+                        );
+                        None
+                    }
+                },
+            }
+        };
         let kb = raw.kb.as_ref().map(|k| {
             let defaults = crate::kb::chunk::Budget::default();
             crate::kb::KbConfig {
@@ -428,6 +480,7 @@ impl Config {
         if problems.is_empty() {
             Ok(Config {
                 data_dir,
+                ledger,
                 kb,
                 cache_l2,
                 local_models,

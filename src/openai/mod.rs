@@ -445,6 +445,30 @@ pub struct Usage {
     pub completion_tokens: u64,
     #[serde(default)]
     pub total_tokens: u64,
+    /// `prompt_tokens_details`: of which `cached_tokens` the provider served from its prompt
+    /// cache (billed at its cached-input price). Absent or `null` when it reported none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// `usage.prompt_tokens_details`; only the field billing needs is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    /// `null` reads as 0: one odd field must not cost the whole usage record.
+    #[serde(default, deserialize_with = "zero_if_null")]
+    pub cached_tokens: u64,
+}
+
+fn zero_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(Option::<u64>::deserialize(d)?.unwrap_or(0))
+}
+
+impl Usage {
+    /// Prompt tokens the provider served from its prompt cache (never more than the prompt).
+    pub fn cached_tokens(&self) -> u64 {
+        self.prompt_tokens_details
+            .map_or(0, |d| d.cached_tokens.min(self.prompt_tokens))
+    }
 }
 
 /// Reads `usage` out of a complete JSON response without parsing the rest: finds the `"usage"`

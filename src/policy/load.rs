@@ -192,6 +192,9 @@ pub(crate) fn deserialize_yaml<T: serde::de::DeserializeOwned>(
     })
 }
 
+use crate::ledger::pricing::{Price, Pricing, parse_price};
+use crate::policy::raw::RawPricing;
+
 fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Policy {
     let sources = report.sources;
     let mut upstreams: Upstreams<'_> = HashMap::new();
@@ -470,12 +473,66 @@ fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Polic
         }
     }
 
+    let pricing = validate_pricing(report);
     Policy {
         version,
         keys,
         tenants,
         models,
+        pricing,
     }
+}
+
+/// `pricing:` (in at most one file): every price exact to $0.001 per million tokens.
+fn validate_pricing(report: &mut Report<'_>) -> Option<Arc<Pricing>> {
+    let sources = report.sources;
+    let mut found: Option<(usize, &RawPricing)> = None;
+    for (si, src) in sources.iter().enumerate() {
+        if let Some(p) = &src.raw.pricing {
+            if found.is_some() {
+                report.add(si, "pricing".into(), "defined in more than one policy file");
+                continue;
+            }
+            found = Some((si, p));
+        }
+    }
+    let (si, raw) = found?;
+    if raw.version.as_deref().is_some_and(|v| v.trim().is_empty()) {
+        report.add(
+            si,
+            "pricing.version".into(),
+            "must not be empty (leave it out for a hash of the table)",
+        );
+    }
+    let mut models = Vec::with_capacity(raw.models.len());
+    for (name, p) in &raw.models {
+        let path = format!("pricing.models.{name}");
+        let mut field = |key: &str, t: &crate::policy::raw::PriceText| match parse_price(&t.text())
+        {
+            Ok(v) => Some(v),
+            Err(e) => {
+                report.add(si, format!("{path}.{key}"), e);
+                None
+            }
+        };
+        let input = field("input", &p.input);
+        let output = field("output", &p.output);
+        let cached = match &p.cached_input {
+            Some(c) => field("cached_input", c),
+            None => input,
+        };
+        if let (Some(input), Some(output), Some(cached_input)) = (input, output, cached) {
+            models.push((
+                name.clone(),
+                Price {
+                    input,
+                    cached_input,
+                    output,
+                },
+            ));
+        }
+    }
+    Some(Arc::new(Pricing::new(raw.version.clone(), models)))
 }
 
 /// The rule sets a tenant or alias names, in order; unknown names are reported.

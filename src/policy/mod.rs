@@ -74,6 +74,8 @@ pub struct Policy {
     keys: Map<[u8; 32], (Principal, [u8; 32])>,
     tenants: Map<Arc<str>, Tenant>,
     models: Map<Arc<str>, ModelRoute>,
+    /// Prices for the ledger's cost column; `None` when the policy has no `pricing:`.
+    pub pricing: Option<Arc<crate::ledger::pricing::Pricing>>,
 }
 
 // === impl Policy ===

@@ -17,6 +17,47 @@ pub struct RawPolicyFile {
     /// Named rule sets (redaction, blocking, caps, residency) that tenants and aliases attach.
     #[serde(default)]
     pub rules: IndexMap<String, RawRuleSet>,
+    /// Prices per served model, for the ledger's cost column.
+    pub pricing: Option<RawPricing>,
+}
+
+/// `pricing:`: USD per million tokens per served model (the upstream's model name, or
+/// `UPSTREAM/model` for one provider's price; local models by their `local:` name).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPricing {
+    /// Stored with every row's cost; default: a hash of the table.
+    pub version: Option<String>,
+    #[serde(default)]
+    pub models: IndexMap<String, RawPrice>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input: PriceText,
+    pub output: PriceText,
+    /// Prompt tokens served from the provider's prompt cache (default: `input`).
+    pub cached_input: Option<PriceText>,
+}
+
+/// A price as written: `"0.15"` or `0.15`; checked (at most 3 decimals) by the loader.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PriceText {
+    Text(String),
+    Int(u64),
+    Float(f64),
+}
+
+impl PriceText {
+    pub fn text(&self) -> String {
+        match self {
+            PriceText::Text(s) => s.clone(),
+            PriceText::Int(n) => n.to_string(),
+            PriceText::Float(f) => f.to_string(),
+        }
+    }
 }
 
 /// `rules.NAME`: content rules applied to requests before cache, knowledge base and routing.

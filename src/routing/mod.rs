@@ -192,6 +192,8 @@ pub struct Call<'a> {
     pub answer_rules: Option<Arc<[Arc<crate::rules::RuleSet>]>>,
     /// A data-residency rule (its name) keeps this request on local candidates.
     pub local_only: Option<Arc<str>>,
+    /// The policy's pricing table (the ledger's cost column).
+    pub pricing: Option<Arc<crate::ledger::pricing::Pricing>>,
     /// A [`Meter`] has been made for this request: from then on it owns the usage event.
     pub metered: std::sync::atomic::AtomicBool,
 }
@@ -617,6 +619,7 @@ fn meter(
         kb_chunks: call.kb_chunks,
         rules: call.rules.clone(),
         answer_rules: call.answer_rules.clone(),
+        pricing: call.pricing.clone(),
         recorded: std::sync::atomic::AtomicBool::new(false),
         permit,
         trace: match spans {

@@ -190,6 +190,8 @@ pub struct Options {
     pub cache_l2: Option<fuke::cache::L2Config>,
     /// The knowledge base (opened by the test).
     pub kb: Option<Arc<fuke::kb::KnowledgeBase>>,
+    /// A real usage ledger beside the collecting sink.
+    pub ledger: Option<fuke::ledger::LedgerConfig>,
 }
 
 impl Default for Options {
@@ -202,6 +204,7 @@ impl Default for Options {
             embedder: None,
             cache_l2: None,
             kb: None,
+            ledger: None,
         }
     }
 }
@@ -243,13 +246,27 @@ impl Gateway {
         )
         .unwrap_or_else(|p| panic!("test policy invalid:\n{p}"));
         let sink = Arc::new(CollectingSink::default());
+        let (usage_sink, ledger_db): (Arc<dyn UsageSink>, _) = match &opts.ledger {
+            Some(cfg) => {
+                let ledger = fuke::ledger::Ledger::open(cfg).await.unwrap();
+                let db = ledger.db().clone();
+                (
+                    Arc::new(fuke::metering::Tee(vec![sink.clone(), Arc::new(ledger)])),
+                    Some(db),
+                )
+            }
+            None => (sink.clone(), None),
+        };
         let app = App::new(
             Arc::new(store),
-            sink.clone(),
+            usage_sink,
             metrics,
             opts.settings,
             opts.tracing,
         );
+        if let Some(db) = ledger_db {
+            let _ = app.ledger.set(db);
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -409,4 +426,62 @@ pub async fn drain_to_done(body: hyper::body::Incoming) {
         .unwrap()
         .to_bytes();
     assert!(rest.ends_with(b"data: [DONE]\n\n"));
+}
+
+/// A directory with `policies/main.yaml` (`policy`) and `fuke.yaml` (plaintext on a free
+/// loopback port, JSON logs, then `extra` config lines) for running the `fuke` binary.
+pub fn binary_dir(policy: &str, extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/main.yaml"), policy).unwrap();
+    std::fs::write(
+        dir.path().join("fuke.yaml"),
+        format!(
+            "listeners:\n  - addr: 127.0.0.1:0\n    plaintext: true\npolicies: policies\nlog_format: json\n{extra}"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// `fuke serve -c DIR/fuke.yaml`; returns the process, its address (from the `listening` log
+/// line) and the rest of its log lines.
+pub fn spawn_fuke(
+    dir: &std::path::Path,
+) -> (
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fuke"))
+        .args(["serve", "-c"])
+        .arg(dir.join("fuke.yaml"))
+        .env("RUST_LOG", "info")
+        .env_remove("FUKE_LEDGER_URL")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no 'listening' log line");
+        };
+        if line.contains("\"listening\"") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let addr = v["fields"]["addr"].as_str().unwrap().to_string();
+            return (child, addr, rx);
+        }
+    }
 }

@@ -11,6 +11,7 @@
 //! - `stall`: SSE, two chunks, then silence with the connection open
 //! - `fail-400`, `fail-500`, `fail-429`: OpenAI-shaped errors with those statuses
 //! - `delay`: SSE; a role-only chunk at once, the first word 2 s later (first-token deadlines)
+//! - a prompt word `cached` is reported as one cached prompt token (`prompt_tokens_details`)
 //! - `flaky`: a 500 while [`UpstreamState::failing`] is set, an echo otherwise
 //!
 //! It records every request body it receives, counts streams cut short by the client, and can
@@ -261,8 +262,14 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body
             .join(" ");
         finish_reason = "length";
     }
-    let usage = json!({"prompt_tokens": words(&prompt), "completion_tokens": words(&answer),
+    let mut usage = json!({"prompt_tokens": words(&prompt), "completion_tokens": words(&answer),
         "total_tokens": words(&prompt) + words(&answer)});
+    // Prompt caching as providers report it: here, each word `cached` in the prompt counts as
+    // one prompt token served from the provider's cache.
+    let cached = prompt.split_whitespace().filter(|w| *w == "cached").count();
+    if cached > 0 {
+        usage["prompt_tokens_details"] = json!({"cached_tokens": cached, "audio_tokens": 0});
+    }
 
     if v["stream"] != Value::Bool(true) {
         let body = if chat {

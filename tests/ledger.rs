@@ -1,0 +1,624 @@
+//! The usage ledger against real databases: the same suite on a SQLite file and on the
+//! machine's PostgreSQL (a fresh database per run), the gateway committing rows before the last
+//! byte, reports (`GET /v1/usage`, `fuke usage`), metrics that reconcile with the ledger, and
+//! `kill -9` of a loaded gateway losing and duplicating nothing.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuke::cache::CacheUse;
+use fuke::ledger::pricing::{Price, Pricing};
+use fuke::ledger::{Db, Ledger, LedgerConfig, Row};
+use fuke::metering::{Outcome, UsageEvent, UsageSink};
+use fuke::openai::{Endpoint, PromptTokensDetails, Usage};
+use http::StatusCode;
+use http_body_util::BodyExt;
+use sqlx::Row as _;
+use support::*;
+
+const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A fresh PostgreSQL database, dropped when the guard goes.
+struct PgDb {
+    name: String,
+    url: String,
+}
+
+impl PgDb {
+    async fn create() -> PgDb {
+        sqlx::any::install_default_drivers();
+        let name = format!("fuke_ledger_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let admin = sqlx::AnyPool::connect(PG_ADMIN)
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432 (the machine's; see README)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        PgDb { name, url }
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Its own runtime: the test's may be shutting down.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(admin) = sqlx::AnyPool::connect(PG_ADMIN).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&admin)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn pricing() -> Arc<Pricing> {
+    Arc::new(Pricing::new(
+        Some("test-1".into()),
+        vec![
+            (
+                "echo-model".into(),
+                Price {
+                    input: 2500,        // $2.50 per 1M
+                    cached_input: 1250, // $1.25
+                    output: 10_000,     // $10
+                },
+            ),
+            (
+                "cheap".into(),
+                Price {
+                    input: 150,
+                    cached_input: 150,
+                    output: 600,
+                },
+            ),
+        ],
+    ))
+}
+
+fn event(i: usize, tenant: &str, model: &str, usage: Option<Usage>) -> UsageEvent {
+    UsageEvent {
+        request_id: format!("req-{i}"),
+        tenant: tenant.into(),
+        key_id: format!("{tenant}-key").into(),
+        endpoint: Endpoint::ChatCompletions,
+        model_alias: format!("alias-{model}").into(),
+        upstream_model: model.into(),
+        backend: "test".into(),
+        usage,
+        status: 200,
+        latency: Duration::from_millis(5 + i as u64),
+        streamed: i.is_multiple_of(2),
+        outcome: Outcome::Completed,
+        finished_at: SystemTime::now(),
+        fallback: i.is_multiple_of(5).then(|| Arc::from("timeout")),
+        streamed_chunks: i as u32,
+        cache: CacheUse::Miss,
+        kb_chunks: (i % 3) as u32,
+        rules: if i.is_multiple_of(4) {
+            vec![Arc::from("pii/email")]
+        } else {
+            Vec::new()
+        },
+        pricing: Some(pricing()),
+    }
+}
+
+fn usage(prompt: u64, completion: u64, cached: u64) -> Usage {
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+        prompt_tokens_details: (cached > 0).then_some(PromptTokensDetails {
+            cached_tokens: cached,
+        }),
+    }
+}
+
+async fn rows(db: &Db) -> Vec<Row> {
+    let rs = sqlx::query(
+        "SELECT id, request_id, ts_ms, tenant, key_id, endpoint, model, served_model, backend,
+            prompt_tokens, completion_tokens, cached_tokens, usage_reported, cache, tokens_saved,
+            kb_chunks, fallback, status, outcome, streamed, streamed_chunks, latency_ms,
+            cost_nanousd, price_version, rules FROM usage_ledger ORDER BY request_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    rs.iter()
+        .map(|r| Row {
+            id: r.get(0),
+            request_id: r.get(1),
+            ts_ms: r.get(2),
+            tenant: r.get(3),
+            key_id: r.get(4),
+            endpoint: r.get(5),
+            model: r.get(6),
+            served_model: r.get(7),
+            backend: r.get(8),
+            prompt_tokens: r.get(9),
+            completion_tokens: r.get(10),
+            cached_tokens: r.get(11),
+            usage_reported: r.get::<i64, _>(12) != 0,
+            cache: r.get(13),
+            tokens_saved: r.get(14),
+            kb_chunks: r.get(15),
+            fallback: r.get(16),
+            status: r.get(17),
+            outcome: r.get(18),
+            streamed: r.get::<i64, _>(19) != 0,
+            streamed_chunks: r.get(20),
+            latency_ms: r.get(21),
+            cost_nanousd: r.get(22),
+            price_version: r.get(23),
+            rules: r.get(24),
+        })
+        .collect()
+}
+
+async fn count(db: &Db) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM usage_ledger")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// The suite both databases pass.
+async fn suite(url: String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LedgerConfig {
+        url,
+        spool: dir.path().join("spool.jsonl"),
+    };
+    let ledger = Ledger::open(&cfg).await.unwrap();
+    let db = ledger.db().clone();
+
+    // 60 requests finish at once: every one is stored, and they share transactions.
+    let mut events = Vec::new();
+    for i in 0..60 {
+        let (tenant, model) = if i % 3 == 0 {
+            ("globex", "cheap")
+        } else {
+            ("acme", "echo-model")
+        };
+        let u = match i % 4 {
+            0 => None,
+            1 => Some(usage(1000, 200, 400)),
+            _ => Some(usage(10 + i as u64, 5, 0)),
+        };
+        let model = if i == 7 { "unpriced" } else { model };
+        events.push(event(i, tenant, model, u));
+    }
+    let futs: Vec<_> = events.iter().cloned().map(|e| ledger.record(e)).collect();
+    futures_util::future::join_all(futs).await;
+    let stats = &ledger.stats;
+    assert_eq!(
+        stats.committed.load(std::sync::atomic::Ordering::Relaxed),
+        60
+    );
+    let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        batches < 10,
+        "group commit: 60 rows took {batches} transactions"
+    );
+
+    // Every field as the event said, and the cost exact.
+    let stored = rows(&db).await;
+    assert_eq!(stored.len(), 60);
+    let by_id: HashMap<&str, &Row> = stored.iter().map(|r| (r.request_id.as_str(), r)).collect();
+    for e in &events {
+        let r = by_id[e.request_id.as_str()];
+        let want = Row {
+            id: r.id.clone(),
+            ..Row::of(e)
+        };
+        assert_eq!(*r, want);
+    }
+    // 600 × 2.5 + 400 × 1.25 + 200 × 10 per 1M tokens = $0.004.
+    assert_eq!(by_id["req-1"].cost_nanousd, Some(4_000_000));
+    assert_eq!(by_id["req-1"].cached_tokens, 400);
+    assert_eq!(by_id["req-1"].price_version.as_deref(), Some("test-1"));
+    assert_eq!(by_id["req-7"].cost_nanousd, None, "unpriced model");
+    assert!(!by_id["req-0"].usage_reported);
+
+    // Idempotent: the same row again (a spool replay) inserts nothing.
+    let again = by_id["req-2"];
+    db.insert(&[again, again]).await.unwrap();
+    assert_eq!(count(&db).await, 60);
+
+    // Reports: totals per tenant, and per model, match the events.
+    let q = |tenant: Option<&str>, group_by| fuke::ledger::report::Query {
+        from_ms: 0,
+        to_ms: i64::MAX / 2,
+        tenant: tenant.map(str::to_string),
+        group_by,
+    };
+    use fuke::ledger::report::{self, GroupBy};
+    let rep = report::run(&db, &q(None, GroupBy::Tenant)).await.unwrap();
+    assert_eq!(rep.data.len(), 2);
+    let expect_cost: i64 = events.iter().filter_map(|e| e.cost()).map(|(c, _)| c).sum();
+    assert_eq!(rep.total.cost_nanousd, expect_cost);
+    assert_eq!(rep.total.requests, 60);
+    let expect_prompt: u64 = events
+        .iter()
+        .filter_map(|e| e.usage)
+        .map(|u| u.prompt_tokens)
+        .sum();
+    assert_eq!(rep.total.prompt_tokens as u64, expect_prompt);
+    assert_eq!(rep.total.unpriced_requests, 1);
+    let acme = report::run(&db, &q(Some("acme"), GroupBy::Model))
+        .await
+        .unwrap();
+    assert!(acme.data.iter().all(|l| l.tenant == "acme"));
+    assert_eq!(acme.total.requests, 40);
+    let day = report::run(&db, &q(None, GroupBy::Day)).await.unwrap();
+    assert_eq!(day.total.cost_nanousd, expect_cost);
+    assert!(day.data[0].group.as_ref().unwrap().starts_with("20"));
+
+    // The database refuses rows: they go to the spool, the requests still end, and the rows
+    // reach the database once it takes them again (here: at the next start), once each.
+    sqlx::query("ALTER TABLE usage_ledger RENAME TO usage_ledger_away")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let late: Vec<UsageEvent> = (100..103)
+        .map(|i| event(i, "acme", "echo-model", Some(usage(3, 4, 0))))
+        .collect();
+    let futs: Vec<_> = late.iter().cloned().map(|e| ledger.record(e)).collect();
+    futures_util::future::join_all(futs).await;
+    assert_eq!(stats.spooled.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert!(std::fs::metadata(&cfg.spool).unwrap().len() > 0);
+    sqlx::query("ALTER TABLE usage_ledger_away RENAME TO usage_ledger")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    drop(ledger);
+    db.pool.close().await;
+    let reopened = Ledger::open(&cfg).await.unwrap();
+    assert_eq!(count(reopened.db()).await, 63);
+    assert_eq!(std::fs::metadata(&cfg.spool).unwrap().len(), 0);
+    drop(reopened);
+    let third = Ledger::open(&cfg).await.unwrap();
+    assert_eq!(count(third.db()).await, 63, "a replay never duplicates");
+    third.db().pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    suite(format!(
+        "sqlite://{}",
+        dir.path().join("ledger.db").display()
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_ledger() {
+    let pg = PgDb::create().await;
+    suite(pg.url.clone()).await;
+}
+
+const KEY_FINANCE: &str = "fk-test-finance-0009";
+
+/// The usual test policy plus a finance key and prices for the test upstream's models.
+fn billing_policy(base_url: &str) -> String {
+    format!(
+        "{}  finance:\n    models: []\n    keys:\n      - {{ id: fin-key, sha256: {}, role: finance }}\npricing:\n  version: v7\n  models:\n    echo-model: {{ input: \"2.5\", output: \"10\", cached_input: \"1.25\" }}\n",
+        policy_yaml(base_url),
+        hash(KEY_FINANCE)
+    )
+}
+
+fn metric(text: &str, name: &str, tenant: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(&format!("tenant=\"{tenant}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_commits_before_the_last_byte_and_reports_match_metrics() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start_with(
+        &billing_policy(&up.base_url()),
+        Options {
+            ledger: Some(LedgerConfig::embedded(dir.path())),
+            ..Options::default()
+        },
+    )
+    .await;
+    let db = gw.app.ledger.get().unwrap().clone();
+    let c = client();
+    let row_of = |id: String| {
+        let db = db.clone();
+        async move {
+            sqlx::query_as::<_, (i64, i64, i64, Option<i64>, String)>(
+                "SELECT prompt_tokens, completion_tokens, cached_tokens, cost_nanousd, price_version
+                 FROM usage_ledger WHERE request_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    // JSON: the row exists as soon as the body is complete (no waiting, no retry).
+    let r = post(
+        &c,
+        &gw.url("/v1/chat/completions"),
+        KEY_ACME,
+        r#"{"model":"gpt-test","messages":[{"role":"user","content":"cached cached hello there"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let id = r.headers["x-request-id"].to_str().unwrap().to_string();
+    // prompt 4 words (2 cached), answer "echo: cached cached hello there" 5 words.
+    let expect = 2 * 2500 + 2 * 1250 + 5 * 10_000;
+    assert_eq!(
+        row_of(id).await,
+        Some((4, 5, 2, Some(expect), "v7".to_string()))
+    );
+
+    // SSE: the row exists before `data: [DONE]` reaches the client, also when the client did
+    // not ask for usage (the gateway always does).
+    for include in [true, false] {
+        let body = format!(
+            r#"{{"model":"gpt-test","stream":true,"stream_options":{{"include_usage":{include}}},"messages":[{{"role":"user","content":"one two three"}}]}}"#
+        );
+        let req = http::Request::post(gw.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {KEY_ACME}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        let mut body = resp.into_body();
+        let mut seen = Vec::new();
+        let mut row_before_done = None;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.unwrap().into_data() else {
+                continue;
+            };
+            let done = memchr::memmem::find(&data, b"data: [DONE]").is_some();
+            if done && row_before_done.is_none() {
+                // Checked while holding the frame that carries [DONE]: it was released only
+                // after the commit.
+                row_before_done = Some(row_of(id.clone()).await);
+            }
+            seen.extend_from_slice(&data);
+        }
+        assert!(String::from_utf8_lossy(&seen).ends_with("data: [DONE]\n\n"));
+        let (p, comp, cached, cost, _) = row_before_done
+            .unwrap()
+            .expect("row committed before [DONE]");
+        // "one two three" → "echo: one two three".
+        assert_eq!((p, comp, cached), (3, 4, 0));
+        assert_eq!(cost, Some(3 * 2500 + 4 * 10_000));
+    }
+
+    // Reports. A tenant key sees its own tenant only.
+    let r = get(&c, &gw.url("/v1/usage?from=2020-01-01"), Some(KEY_ACME)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let rep = r.json();
+    assert_eq!(rep["data"].as_array().unwrap().len(), 1);
+    assert_eq!(rep["data"][0]["tenant"], "acme");
+    assert_eq!(rep["total"]["requests"], 3);
+    let r = get(&c, &gw.url("/v1/usage?tenant=globex"), Some(KEY_ACME)).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // Finance sees all, as CSV too.
+    let r = get(
+        &c,
+        &gw.url("/v1/usage?group_by=model&format=csv&from=2020-01-01T00%3A00%3A00Z"),
+        Some(KEY_FINANCE),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.headers["content-type"], "text/csv; charset=utf-8");
+    let csv = r.text();
+    assert!(
+        csv.starts_with("tenant,model,requests,prompt_tokens,"),
+        "{csv}"
+    );
+    let total_cost = expect + 2 * (3 * 2500 + 4 * 10_000);
+    assert!(
+        csv.contains(&format!(
+            "acme,gpt-test,3,10,13,2,23,0,0,{},0",
+            fuke::ledger::pricing::format_usd(total_cost)
+        )),
+        "{csv}"
+    );
+    // Bad parameters are 400s that name the parameter.
+    for (q, param) in [
+        ("from=yesterday", "from"),
+        ("group_by=week", "group_by"),
+        ("format=xml", "format"),
+        ("frm=2020-01-01", "frm"),
+        ("from=2026-01-02&to=2026-01-01", "from"),
+    ] {
+        let r = get(&c, &gw.url(&format!("/v1/usage?{q}")), Some(KEY_FINANCE)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}");
+        assert_eq!(r.openai_error()["param"], param, "{q}");
+    }
+    let r = get(&c, &gw.url("/v1/usage"), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // Prometheus counters reconcile with the ledger.
+    let rep = report::run(&db, &all_time()).await.unwrap();
+    let m = get(&c, &gw.url("/metrics"), None).await.text();
+    assert_eq!(
+        metric(&m, "fuke_cost_nanousd_total", "acme"),
+        rep.total.cost_nanousd as u64,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "fuke_usage_events_total", "acme"), 3);
+    assert_eq!(
+        metric(&m, "fuke_tokens_total", "acme"),
+        rep.total.total_tokens as u64
+    );
+}
+
+use fuke::ledger::report;
+
+fn all_time() -> report::Query {
+    report::Query {
+        from_ms: 0,
+        to_ms: i64::MAX / 2,
+        tenant: None,
+        group_by: report::GroupBy::Tenant,
+    }
+}
+
+/// One client's request; `Some(id)` when the whole answer arrived.
+async fn one_request(c: &TestClient, addr: &str, n: usize) -> Option<String> {
+    let stream = n.is_multiple_of(2);
+    let body = format!(
+        r#"{{"model":"gpt-test","stream":{stream},"messages":[{{"role":"user","content":"request number {n}"}}]}}"#
+    );
+    let id = format!("crash-{n}");
+    let req = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {KEY_ACME}"))
+        .header("content-type", "application/json")
+        .header("x-request-id", &id)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .ok()?;
+    let resp = c.request(req).await.ok()?;
+    if resp.status() != StatusCode::OK {
+        return None;
+    }
+    let bytes = resp.into_body().collect().await.ok()?.to_bytes();
+    let complete = if stream {
+        bytes.ends_with(b"data: [DONE]\n\n")
+    } else {
+        serde_json::from_slice::<serde_json::Value>(&bytes).is_ok_and(|v| v["usage"].is_object())
+    };
+    complete.then_some(id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_and_duplicates_no_completed_request() {
+    let up = Upstream::start().await;
+    let dir = binary_dir(
+        &billing_policy(&up.base_url()),
+        "ledger:\n  url: sqlite://data/ledger.db\n",
+    );
+
+    let mut completed: HashSet<String> = HashSet::new();
+    let mut next = 0usize;
+    for round in 0..3 {
+        let (mut child, addr, _logs) = spawn_fuke(dir.path());
+        let c = client();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for w in 0..16 {
+            let (c, addr, stop) = (c.clone(), addr.clone(), stop.clone());
+            let start = next + w * 100_000;
+            clients.push(tokio::spawn(async move {
+                let mut done = Vec::new();
+                let mut n = start;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match one_request(&c, &addr, n).await {
+                        Some(id) => done.push(id),
+                        None => break, // the gateway is gone
+                    }
+                    n += 1;
+                }
+                done
+            }));
+        }
+        next += 16 * 100_000;
+        // A moment chosen at random, with requests in every state.
+        let wait = 300 + u64::from(rand::random::<u16>() % 900);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let before = completed.len();
+        for h in clients {
+            completed.extend(h.await.unwrap());
+        }
+        assert!(
+            completed.len() > before + 10,
+            "round {round}: only {} requests completed",
+            completed.len() - before
+        );
+    }
+
+    // Restart (replaying whatever was spooled), then compare with what clients saw.
+    let (mut child, _addr, _logs) = spawn_fuke(dir.path());
+    let db = Db::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("data/ledger.db").display()
+    ))
+    .await
+    .unwrap();
+    let ids: Vec<String> = sqlx::query_scalar("SELECT request_id FROM usage_ledger")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for id in &ids {
+        *seen.entry(id.as_str()).or_default() += 1;
+    }
+    let missing: Vec<&String> = completed
+        .iter()
+        .filter(|id| !seen.contains_key(id.as_str()))
+        .collect();
+    let duplicated: Vec<(&&str, &usize)> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    eprintln!(
+        "crash test: {} requests completed across 3 kills, {} ledger rows, {} missing, {} duplicated",
+        completed.len(),
+        ids.len(),
+        missing.len(),
+        duplicated.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "completed but not in the ledger: {missing:?}"
+    );
+    assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
+
+    // `fuke usage` reads the same ledger.
+    let out = Command::new(env!("CARGO_BIN_EXE_fuke"))
+        .args(["usage", "--format", "json", "--tenant", "acme", "-c"])
+        .arg(dir.path().join("fuke.yaml"))
+        .env_remove("FUKE_LEDGER_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let completed_rows = ids.len() as u64;
+    assert_eq!(rep["total"]["requests"].as_u64(), Some(completed_rows));
+    let out = Command::new(env!("CARGO_BIN_EXE_fuke"))
+        .args(["usage", "--group-by", "day", "-c"])
+        .arg(dir.path().join("fuke.yaml"))
+        .env_remove("FUKE_LEDGER_URL")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("TOTAL") && table.contains("acme"), "{table}");
+}
