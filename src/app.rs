@@ -36,6 +36,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Largest multipart upload (audio transcriptions).
     pub max_upload_bytes: usize,
+    /// Rate limits shared through Redis (`limits.redis_url`); in process when `None`.
+    pub limits_redis: Option<crate::limits::RedisLimits>,
 }
 
 impl Default for Settings {
@@ -43,6 +45,7 @@ impl Default for Settings {
         Settings {
             max_body_bytes: 4 << 20,
             max_upload_bytes: 25 << 20,
+            limits_redis: None,
         }
     }
 }
@@ -52,7 +55,7 @@ pub struct App {
     pub policy: Arc<PolicyStore>,
     pub sink: Arc<dyn UsageSink>,
     pub metrics: Arc<Metrics>,
-    pub limiter: RateLimiter,
+    pub limiter: Arc<RateLimiter>,
     pub settings: Settings,
     /// OTLP tracing; `None` when off.
     pub tracing: Option<Arc<Tracing>>,
@@ -72,11 +75,24 @@ impl App {
         tracing: Option<Arc<Tracing>>,
     ) -> Arc<Self> {
         metrics.policy_version.set(policy.current().version as i64);
+        let limiter = Arc::new(match &settings.limits_redis {
+            Some(cfg) => RateLimiter::with_redis(cfg).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "limits: Redis not usable; limits are per replica");
+                RateLimiter::default()
+            }),
+            None => RateLimiter::default(),
+        });
+        // Token limits are debited with the tokens each answer used, as it is recorded.
+        let sink: Arc<dyn UsageSink> = Arc::new(TokenDebit {
+            inner: sink,
+            limiter: limiter.clone(),
+            policy: policy.clone(),
+        });
         Arc::new(App {
             policy,
             sink,
             metrics,
-            limiter: RateLimiter::default(),
+            limiter,
             settings,
             tracing,
             ledger: std::sync::OnceLock::new(),
@@ -112,6 +128,52 @@ impl App {
             .policy_reloads
             .get_or_create(&crate::telemetry::ResultLabels { result })
             .inc();
+    }
+}
+
+/// Debits token limits (tenant's and key's) with each recorded answer's tokens, then hands
+/// the event on.
+struct TokenDebit {
+    inner: Arc<dyn UsageSink>,
+    limiter: Arc<RateLimiter>,
+    policy: Arc<PolicyStore>,
+}
+
+impl UsageSink for TokenDebit {
+    fn record(
+        &self,
+        event: crate::metering::UsageEvent,
+    ) -> crate::backends::BoxFuture<'static, ()> {
+        use crate::limits::Scope;
+        let tokens = event.usage.map_or(0, |u| u.total_tokens);
+        let mut debits = Vec::new();
+        if tokens > 0 {
+            let policy = self.policy.current();
+            if let Some(t) = policy.tenant(&event.tenant) {
+                if let Some(tpm) = t.limits.tokens_per_minute {
+                    debits.push((Scope::Tenant(t.name.clone()), tpm));
+                }
+                if let Some(tpm) = t
+                    .key_limits
+                    .get(&event.key_id)
+                    .and_then(|l| l.tokens_per_minute)
+                {
+                    debits.push((Scope::Key(event.key_id.clone()), tpm));
+                }
+            }
+        }
+        // Handed on now: sinks take events in the order they are recorded.
+        let inner = self.inner.record(event);
+        if debits.is_empty() {
+            return inner;
+        }
+        let limiter = self.limiter.clone();
+        Box::pin(async move {
+            for (scope, tpm) in &debits {
+                limiter.debit(scope, *tpm, tokens).await;
+            }
+            inner.await;
+        })
     }
 }
 
@@ -317,7 +379,7 @@ async fn dispatch(
             ],
         )
     });
-    let checked = check_policy(app, tenant);
+    let checked = check_limits(app, tenant, &principal).await;
     if let Some(cx) = &stage {
         trace::end(cx, checked.as_ref().err().map(|_| "rate limited"));
     }
@@ -334,19 +396,102 @@ async fn dispatch(
     proxy::model_call(app, caller, endpoint, req, &mut labels.model, trace).await
 }
 
-/// The tenant's limits, before any body is read.
-fn check_policy(app: &App, tenant: &crate::policy::Tenant) -> Result<(), Error> {
-    if let Some(rpm) = tenant.limits.requests_per_minute
-        && let Err(wait) = app.limiter.check(&tenant.name, rpm)
-    {
-        let secs = wait.0.as_secs() + u64::from(wait.0.subsec_nanos() > 0);
-        return Err(Error::RateLimited {
-            message: format!(
-                "Rate limit reached for tenant {}: {rpm} requests per minute. Retry in {secs}s.",
-                tenant.name
-            ),
-            retry_after_secs: secs.max(1),
+/// The tenant's and the key's limits and budgets, before any body is read.
+async fn check_limits(
+    app: &App,
+    tenant: &crate::policy::Tenant,
+    principal: &Principal,
+) -> Result<(), Error> {
+    use crate::ledger::{Period, Scope as Spender};
+    use crate::limits::{Scope, Unit};
+    let scopes = [
+        (Scope::Tenant(tenant.name.clone()), &tenant.limits, "tenant"),
+        (
+            Scope::Key(principal.key_id.clone()),
+            &principal.limits,
+            "key",
+        ),
+    ];
+    for (scope, limits, whose) in &scopes {
+        for (unit, per_minute) in [
+            (Unit::Requests, limits.requests_per_minute),
+            (Unit::Tokens, limits.tokens_per_minute),
+        ] {
+            let Some(per_minute) = per_minute else {
+                continue;
+            };
+            if let Err(wait) = app.limiter.admit(scope, unit, per_minute).await {
+                let secs = wait.0.as_secs() + u64::from(wait.0.subsec_nanos() > 0);
+                let name = match scope {
+                    Scope::Tenant(n) | Scope::Key(n) => n,
+                };
+                return Err(Error::LimitExceeded {
+                    message: format!(
+                        "Rate limit reached for {whose} {name}: {per_minute} {} per minute. Retry in {secs}s.",
+                        unit.as_str()
+                    ),
+                    retry_after_secs: secs.max(1),
+                    unit: unit.as_str(),
+                    limit: Some(u64::from(per_minute)),
+                });
+            }
+        }
+    }
+    if !tenant.limits.has_budget() && !principal.limits.has_budget() {
+        return Ok(());
+    }
+    // Budgets: the ledger's running totals, shared by every replica on the same database.
+    let Some(db) = app.ledger.get() else {
+        return Err(Error::Unavailable {
+            message: "this key has a budget, and the usage ledger that enforces it is off".into(),
+            detail: "ledger.url: off".into(),
         });
+    };
+    let now = crate::ledger::now_ms();
+    let mut asked = Vec::new();
+    let mut budgets = Vec::new();
+    for (spender, limits, whose, name) in [
+        (
+            Spender::Tenant(&tenant.name),
+            &tenant.limits,
+            "tenant",
+            &tenant.name,
+        ),
+        (
+            Spender::Key(&principal.key_id),
+            &principal.limits,
+            "key",
+            &principal.key_id,
+        ),
+    ] {
+        for (period, budget, label) in [
+            (Period::Day, limits.daily_budget, "daily"),
+            (Period::Month, limits.monthly_budget, "monthly"),
+        ] {
+            if let Some(b) = budget {
+                asked.push((spender.key(), period.of(now)));
+                budgets.push((b, period, label, whose, name));
+            }
+        }
+    }
+    let spent = db.spent(&asked).await.map_err(|e| Error::Unavailable {
+        message: "the usage ledger cannot be read to check this key's budget".into(),
+        detail: e.to_string(),
+    })?;
+    for (spent, (budget, period, label, whose, name)) in spent.into_iter().zip(budgets) {
+        if spent >= budget {
+            let secs = ((period.end(now) - now) / 1000).max(1) as u64;
+            return Err(Error::LimitExceeded {
+                message: format!(
+                    "The {label} budget of {whose} {name} (${}) is spent (${} so far). It renews in {secs}s.",
+                    crate::ledger::pricing::format_usd(budget),
+                    crate::ledger::pricing::format_usd(spent),
+                ),
+                retry_after_secs: secs,
+                unit: "budget",
+                limit: None,
+            });
+        }
     }
     Ok(())
 }

@@ -43,6 +43,15 @@ pub enum Error {
         message: String,
         retry_after_secs: u64,
     },
+    /// A tenant's or key's limit (`unit`: requests, tokens) or budget (`unit`: budget).
+    #[error("{message}")]
+    LimitExceeded {
+        message: String,
+        retry_after_secs: u64,
+        unit: &'static str,
+        /// The limit, for `x-ratelimit-limit-*` (requests and tokens).
+        limit: Option<u64>,
+    },
     #[error("role `{role}` may not call {what}")]
     Forbidden { role: &'static str, what: String },
     #[error("unknown route {method} {path}")]
@@ -126,7 +135,9 @@ impl Error {
             Error::ModelNotFound { .. } | Error::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::RateLimited { .. } | Error::LimitExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::UpstreamConnect { .. } | Error::UpstreamProtocol { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -202,6 +213,21 @@ impl Error {
             }
             Error::RateLimited { message, .. } => {
                 (message, "requests", None, Some("rate_limit_exceeded"))
+            }
+            // OpenAI's shapes: `type` names what ran out; a spent budget is
+            // `insufficient_quota`, which the SDKs do not retry.
+            Error::LimitExceeded {
+                message,
+                unit: "budget",
+                ..
+            } => (
+                message,
+                "insufficient_quota",
+                None,
+                Some("insufficient_quota"),
+            ),
+            Error::LimitExceeded { message, unit, .. } => {
+                (message, unit, None, Some("rate_limit_exceeded"))
             }
             Error::Forbidden { .. } => {
                 owned = self.to_string();
@@ -283,7 +309,34 @@ impl Error {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Error::LimitExceeded {
+            unit: unit @ ("requests" | "tokens"),
+            limit,
+            retry_after_secs,
+            ..
+        } = &self
+        {
+            let h = resp.headers_mut();
+            let name = |what: &str| {
+                http::HeaderName::from_bytes(format!("x-ratelimit-{what}-{unit}").as_bytes())
+            };
+            if let (Some(limit), Ok(n)) = (limit, name("limit")) {
+                h.insert(n, HeaderValue::from(*limit));
+            }
+            if let Ok(n) = name("remaining") {
+                h.insert(n, HeaderValue::from(0u64));
+            }
+            if let (Ok(n), Ok(v)) = (
+                name("reset"),
+                HeaderValue::from_str(&format!("{retry_after_secs}s")),
+            ) {
+                h.insert(n, v);
+            }
+        }
         if let Error::RateLimited {
+            retry_after_secs, ..
+        }
+        | Error::LimitExceeded {
             retry_after_secs, ..
         }
         | Error::NoBackend {

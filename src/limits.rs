@@ -1,37 +1,256 @@
-//! In-process request rate limits per tenant (GCRA: one timestamp per tenant, no timers).
+//! Request and token rate limits per tenant and per key (GCRA: one timestamp per scope, no
+//! timers), in process by default or in Redis when replicas must share them.
+//!
+//! Requests are counted when admitted. Tokens are known only when the answer ends, so a token
+//! limit admits a request while the scope's bucket is not in debt by more than a minute's
+//! allowance, and the tokens the upstream reported are debited afterwards: a scope overshoots
+//! by at most the requests it has in flight.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[derive(Default)]
-pub struct RateLimiter {
-    /// Theoretical arrival time of the next request, per tenant.
-    tat: Mutex<HashMap<Arc<str>, Instant>>,
+use arc_swap::ArcSwapOption;
+use redis::aio::ConnectionManager;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unit {
+    Requests,
+    Tokens,
 }
 
-/// A refusal: how long until one more request would be admitted.
+impl Unit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Requests => "requests",
+            Unit::Tokens => "tokens",
+        }
+    }
+}
+
+/// Whose limit: a tenant's (all its keys together) or one key's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Tenant(Arc<str>),
+    Key(Arc<str>),
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Tenant(t) => write!(f, "t:{t}"),
+            Scope::Key(k) => write!(f, "k:{k}"),
+        }
+    }
+}
+
+/// A refusal: how long until the scope is admitted again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryAfter(pub Duration);
 
+/// The shared store of `fuke.yaml` `limits.redis_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisLimits {
+    pub url: String,
+    pub prefix: String,
+}
+
+/// One GCRA step, atomic in Redis, on Redis's clock (replicas' clocks may differ).
+/// ARGV: interval µs per unit, tolerance µs, units to add, 1 to refuse when over tolerance.
+/// Returns 0 when admitted, else the µs to wait.
+const GCRA_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+if ARGV[4] == '1' and tat - now > tolerance then
+  return math.floor(tat - now - tolerance) + 1
+end
+local new = tat + interval * cost
+if new > now then
+  redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.floor((new - now) / 1000) + 1000)
+end
+return 0
+";
+
+struct Shared {
+    prefix: String,
+    conn: Arc<ArcSwapOption<ConnectionManager>>,
+    healthy: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+pub struct RateLimiter {
+    /// Theoretical arrival time of the next unit, per scope and unit.
+    tat: Mutex<HashMap<(Scope, Unit), Instant>>,
+    shared: Option<Shared>,
+}
+
+/// GCRA parameters of `per_minute`: the interval per unit, and how far ahead of now the
+/// schedule may run (a minute's worth of burst).
+fn params(unit: Unit, per_minute: u32) -> (Duration, Duration) {
+    let interval = MINUTE / per_minute.max(1);
+    let tolerance = match unit {
+        // The request being admitted takes one interval of the minute.
+        Unit::Requests => MINUTE.saturating_sub(interval),
+        // Tokens are debited after the answer: admit while less than a minute in debt.
+        Unit::Tokens => MINUTE,
+    };
+    (interval, tolerance)
+}
+
 impl RateLimiter {
-    /// Admits one request for `tenant` under `per_minute`, allowing a burst of a minute's worth.
-    pub fn check(&self, tenant: &Arc<str>, per_minute: u32) -> Result<(), RetryAfter> {
-        self.check_at(tenant, per_minute, Instant::now())
+    /// Limits kept in Redis (shared by replicas). Until Redis answers, and whenever it fails,
+    /// the in-process limits apply (a Redis outage never stops traffic; it is logged).
+    pub fn with_redis(cfg: &RedisLimits) -> Result<RateLimiter, String> {
+        let client =
+            redis::Client::open(cfg.url.as_str()).map_err(|e| format!("limits.redis_url: {e}"))?;
+        let conn: Arc<ArcSwapOption<ConnectionManager>> = Arc::default();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (slot, health) = (conn.clone(), healthy.clone());
+        tokio::spawn(async move {
+            loop {
+                match ConnectionManager::new(client.clone()).await {
+                    Ok(c) => {
+                        slot.store(Some(Arc::new(c)));
+                        health.store(true, Ordering::Relaxed);
+                        tracing::info!("limits: shared in Redis");
+                        return;
+                    }
+                    Err(e) => {
+                        if health.swap(false, Ordering::Relaxed) {
+                            tracing::warn!(error = %e, "limits: Redis unreachable; limits are per replica until it answers");
+                        }
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+        });
+        Ok(RateLimiter {
+            tat: Mutex::default(),
+            shared: Some(Shared {
+                prefix: cfg.prefix.clone(),
+                conn,
+                healthy,
+            }),
+        })
     }
 
-    fn check_at(&self, tenant: &Arc<str>, per_minute: u32, now: Instant) -> Result<(), RetryAfter> {
-        let interval = Duration::from_secs(60) / per_minute.max(1);
-        let tolerance = Duration::from_secs(60).saturating_sub(interval);
+    /// Whether limits are shared through a connected Redis.
+    pub fn shared(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_some_and(|s| s.conn.load().is_some())
+    }
+
+    /// Admits one request of `scope`: counts it against a requests limit, or checks that a
+    /// tokens limit is not in debt.
+    pub async fn admit(
+        &self,
+        scope: &Scope,
+        unit: Unit,
+        per_minute: u32,
+    ) -> Result<(), RetryAfter> {
+        let cost = u64::from(unit == Unit::Requests);
+        if let Some(r) = self.redis_step(scope, unit, per_minute, cost, true).await {
+            return r;
+        }
+        self.step_at(scope, unit, per_minute, cost, true, Instant::now())
+    }
+
+    /// Debits the tokens an answer used.
+    pub async fn debit(&self, scope: &Scope, per_minute: u32, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        if self
+            .redis_step(scope, Unit::Tokens, per_minute, tokens, false)
+            .await
+            .is_none()
+        {
+            let _ = self.step_at(
+                scope,
+                Unit::Tokens,
+                per_minute,
+                tokens,
+                false,
+                Instant::now(),
+            );
+        }
+    }
+
+    fn step_at(
+        &self,
+        scope: &Scope,
+        unit: Unit,
+        per_minute: u32,
+        cost: u64,
+        check: bool,
+        now: Instant,
+    ) -> Result<(), RetryAfter> {
+        let (interval, tolerance) = params(unit, per_minute);
         let mut tat = self.tat.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = tat.entry(tenant.clone()).or_insert(now);
+        let entry = tat.entry((scope.clone(), unit)).or_insert(now);
         let t = (*entry).max(now);
         let ahead = t - now;
-        if ahead > tolerance {
+        if check && ahead > tolerance {
             return Err(RetryAfter(ahead - tolerance));
         }
-        *entry = t + interval;
+        let add = interval.saturating_mul(u32::try_from(cost).unwrap_or(u32::MAX));
+        *entry = t + add.min(Duration::from_secs(86_400 * 365));
         Ok(())
+    }
+
+    /// The same step in Redis; `None` when Redis is not configured or did not answer.
+    async fn redis_step(
+        &self,
+        scope: &Scope,
+        unit: Unit,
+        per_minute: u32,
+        cost: u64,
+        check: bool,
+    ) -> Option<Result<(), RetryAfter>> {
+        let shared = self.shared.as_ref()?;
+        let mut conn = ConnectionManager::clone(shared.conn.load().as_deref()?);
+        let (interval, tolerance) = params(unit, per_minute);
+        let key = format!("{}{}:{scope}", shared.prefix, unit.as_str());
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(GCRA_LUA)
+            .arg(1)
+            .arg(key)
+            .arg(interval.as_micros() as u64)
+            .arg(tolerance.as_micros() as u64)
+            .arg(cost)
+            .arg(if check { "1" } else { "0" });
+        let got: Result<i64, String> =
+            tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async(&mut conn))
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        match got {
+            Ok(wait_us) => {
+                shared.healthy.store(true, Ordering::Relaxed);
+                Some(if wait_us > 0 {
+                    Err(RetryAfter(Duration::from_micros(wait_us as u64)))
+                } else {
+                    Ok(())
+                })
+            }
+            Err(e) => {
+                if shared.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "limits: Redis failed; limits are per replica until it answers");
+                }
+                None
+            }
+        }
     }
 }
 
@@ -42,15 +261,57 @@ mod tests {
     #[test]
     fn allows_a_minute_of_burst_then_refuses() {
         let rl = RateLimiter::default();
-        let t: Arc<str> = "acme".into();
+        let t = Scope::Tenant("acme".into());
         let now = Instant::now();
         for _ in 0..5 {
-            assert!(rl.check_at(&t, 5, now).is_ok());
+            assert!(rl.step_at(&t, Unit::Requests, 5, 1, true, now).is_ok());
         }
-        let RetryAfter(wait) = rl.check_at(&t, 5, now).unwrap_err();
+        let RetryAfter(wait) = rl.step_at(&t, Unit::Requests, 5, 1, true, now).unwrap_err();
         assert!(wait > Duration::from_secs(11) && wait <= Duration::from_secs(12));
-        assert!(rl.check_at(&t, 5, now + Duration::from_secs(12)).is_ok());
-        // Another tenant is not affected.
-        assert!(rl.check_at(&"other".into(), 5, now).is_ok());
+        assert!(
+            rl.step_at(
+                &t,
+                Unit::Requests,
+                5,
+                1,
+                true,
+                now + Duration::from_secs(12)
+            )
+            .is_ok()
+        );
+        // Another scope (a key named like the tenant) is not affected.
+        assert!(
+            rl.step_at(&Scope::Key("acme".into()), Unit::Requests, 5, 1, true, now)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn tokens_admit_until_a_minute_in_debt() {
+        let rl = RateLimiter::default();
+        let t = Scope::Tenant("acme".into());
+        let now = Instant::now();
+        // 600 tokens per minute: 100 ms per token.
+        assert!(rl.step_at(&t, Unit::Tokens, 600, 0, true, now).is_ok());
+        rl.step_at(&t, Unit::Tokens, 600, 500, false, now).unwrap();
+        // 50 s in debt: still admitted.
+        assert!(rl.step_at(&t, Unit::Tokens, 600, 0, true, now).is_ok());
+        rl.step_at(&t, Unit::Tokens, 600, 200, false, now).unwrap();
+        // 70 s in debt: refused for 10 s.
+        let RetryAfter(wait) = rl.step_at(&t, Unit::Tokens, 600, 0, true, now).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(10));
+        assert!(
+            rl.step_at(
+                &t,
+                Unit::Tokens,
+                600,
+                0,
+                true,
+                now + Duration::from_secs(10)
+            )
+            .is_ok()
+        );
+        // Requests and tokens of one scope are separate.
+        assert!(rl.step_at(&t, Unit::Requests, 600, 1, true, now).is_ok());
     }
 }

@@ -230,6 +230,7 @@ async fn a_thousand_hostile_requests_get_errors_and_the_gateway_keeps_serving() 
             settings: Settings {
                 max_body_bytes: MAX_BODY,
                 max_upload_bytes: 256 << 10,
+                ..Settings::default()
             },
             ..Options::default()
         },

@@ -317,14 +317,67 @@ async fn postgres_ledger() {
 
 const KEY_FINANCE: &str = "fk-test-finance-0009";
 
-/// The usual test policy plus a finance key and prices for the test upstream's models.
+/// The usual test policy plus a finance key, prices for the test upstream's models, and
+/// tenants with token limits, key limits and budgets.
 fn billing_policy(base_url: &str) -> String {
     format!(
-        "{}  finance:\n    models: []\n    keys:\n      - {{ id: fin-key, sha256: {}, role: finance }}\npricing:\n  version: v7\n  models:\n    echo-model: {{ input: \"2.5\", output: \"10\", cached_input: \"1.25\" }}\n",
+        r#"{}  finance:
+    models: []
+    keys:
+      - {{ id: fin-key, sha256: {}, role: finance }}
+  tokens:
+    models: [gpt-test]
+    limits: {{ tokens_per_minute: 20 }}
+    keys:
+      - {{ id: tokens-key, sha256: {} }}
+  keyed:
+    models: [gpt-test]
+    keys:
+      - {{ id: keyed-1, sha256: {}, limits: {{ requests_per_minute: 1 }} }}
+      - {{ id: keyed-2, sha256: {} }}
+  budgeted:
+    models: [gpt-test]
+    limits: {{ budget: {{ daily_usd: "0.0001", monthly_usd: "100" }} }}
+    keys:
+      - {{ id: budgeted-key, sha256: {} }}
+  shared:
+    models: [gpt-test]
+    limits: {{ requests_per_minute: 10 }}
+    keys:
+      - {{ id: shared-key, sha256: {} }}
+  pooled:
+    models: [gpt-test]
+    limits: {{ budget: {{ monthly_usd: "0.001" }} }}
+    keys:
+      - {{ id: pooled-key, sha256: {} }}
+pricing:
+  version: v7
+  models:
+    echo-model: {{ input: "2.5", output: "10", cached_input: "1.25" }}
+"#,
         policy_yaml(base_url),
-        hash(KEY_FINANCE)
+        hash(KEY_FINANCE),
+        hash(KEY_TOKENS),
+        hash(KEY_KEYED_1),
+        hash(KEY_KEYED_2),
+        hash(KEY_BUDGETED),
+        hash(KEY_SHARED),
+        hash(KEY_POOLED),
     )
 }
+
+const KEY_TOKENS: &str = "fk-test-tokens-0010";
+const KEY_KEYED_1: &str = "fk-test-keyed-0011";
+const KEY_KEYED_2: &str = "fk-test-keyed-0012";
+const KEY_BUDGETED: &str = "fk-test-budgeted-0013";
+const KEY_SHARED: &str = "fk-test-shared-0014";
+const KEY_POOLED: &str = "fk-test-pooled-0015";
+
+/// "one two three": 3 prompt tokens, 4 completion tokens ("echo: one two three"); at the
+/// test prices 3 × 2.5 + 4 × 10 per 1M = 47,500 nano-USD.
+const SMALL_CHAT: &str =
+    r#"{"model":"gpt-test","messages":[{"role":"user","content":"one two three"}]}"#;
+const SMALL_COST: i64 = 47_500;
 
 fn metric(text: &str, name: &str, tenant: &str) -> u64 {
     text.lines()
@@ -621,4 +674,208 @@ async fn kill_9_under_load_loses_and_duplicates_no_completed_request() {
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("TOTAL") && table.contains("acme"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_limits_key_limits_and_budgets_refuse_with_openai_429s() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start_with(
+        &billing_policy(&up.base_url()),
+        Options {
+            ledger: Some(LedgerConfig::embedded(dir.path())),
+            ..Options::default()
+        },
+    )
+    .await;
+    let c = client();
+    let url = gw.url("/v1/chat/completions");
+
+    // 20 tokens per minute, 7 tokens per answer: admitted while less than a minute in debt
+    // (three answers are 63 s of tokens), then refused until the debt is paid down.
+    for i in 0..3 {
+        let r = post(&c, &url, KEY_TOKENS, SMALL_CHAT).await;
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {}", r.text());
+    }
+    let r = post(&c, &url, KEY_TOKENS, SMALL_CHAT).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    let e = r.openai_error();
+    assert_eq!(e["type"], "tokens");
+    assert_eq!(e["code"], "rate_limit_exceeded");
+    assert_eq!(r.headers["x-ratelimit-limit-tokens"], "20");
+    assert_eq!(r.headers["x-ratelimit-remaining-tokens"], "0");
+    let wait: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=4).contains(&wait), "retry-after {wait}");
+    assert_eq!(up.count("echo-model"), 3);
+
+    // A key's own limit applies on top of its tenant's; the tenant's other key is unaffected.
+    assert_eq!(
+        post(&c, &url, KEY_KEYED_1, SMALL_CHAT).await.status,
+        StatusCode::OK
+    );
+    let r = post(&c, &url, KEY_KEYED_1, SMALL_CHAT).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.openai_error()["type"], "requests");
+    assert_eq!(r.headers["x-ratelimit-limit-requests"], "1");
+    assert!(
+        r.openai_error()["message"]
+            .as_str()
+            .unwrap()
+            .contains("key keyed-1")
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            post(&c, &url, KEY_KEYED_2, SMALL_CHAT).await.status,
+            StatusCode::OK
+        );
+    }
+
+    // A daily budget of $0.0001 at $0.0000475 per answer: the third is admitted (spent
+    // $0.000095), the fourth is refused as OpenAI refuses an exhausted quota.
+    for i in 0..3 {
+        let r = post(&c, &url, KEY_BUDGETED, SMALL_CHAT).await;
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {}", r.text());
+    }
+    let before = up.count("echo-model");
+    let r = post(&c, &url, KEY_BUDGETED, SMALL_CHAT).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    let e = r.openai_error();
+    assert_eq!(e["type"], "insufficient_quota");
+    assert_eq!(e["code"], "insufficient_quota");
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("daily budget of tenant budgeted ($0.000100000)"),
+        "{msg}"
+    );
+    assert!(msg.contains("$0.000142500 so far"), "{msg}");
+    let renew: i64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    let now = fuke::ledger::now_ms();
+    let midnight = fuke::ledger::Period::Day.end(now);
+    assert!(
+        (renew - (midnight - now) / 1000).abs() <= 2,
+        "retry-after {renew}"
+    );
+    assert_eq!(
+        up.count("echo-model"),
+        before,
+        "refused before the upstream"
+    );
+}
+
+/// Two gateways on one PostgreSQL ledger and one Redis: a budget is not overshot by more than
+/// the requests in flight, and a request limit holds across both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_budgets_through_postgres_and_rate_limits_through_redis() {
+    let pg = PgDb::create().await;
+    let up = Upstream::start().await;
+    let prefix = format!("fuke:test:{}:", hex::encode(rand::random::<[u8; 6]>()));
+    let mut gws = Vec::new();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    for dir in &dirs {
+        gws.push(
+            Gateway::start_with(
+                &billing_policy(&up.base_url()),
+                Options {
+                    ledger: Some(LedgerConfig {
+                        url: pg.url.clone(),
+                        spool: dir.path().join("spool.jsonl"),
+                    }),
+                    settings: fuke::app::Settings {
+                        limits_redis: Some(fuke::limits::RedisLimits {
+                            url: "redis://127.0.0.1:6379".into(),
+                            prefix: prefix.clone(),
+                        }),
+                        ..Default::default()
+                    },
+                    ..Options::default()
+                },
+            )
+            .await,
+        );
+    }
+    for gw in &gws {
+        eventually("limits shared through Redis", || async {
+            gw.app.limiter.shared()
+        })
+        .await;
+    }
+    let c = client();
+
+    // 10 requests per minute for the tenant, 8 sent to each replica at once: 10 pass in all.
+    let mut sent = Vec::new();
+    for gw in &gws {
+        for _ in 0..8 {
+            let (c, url) = (c.clone(), gw.url("/v1/chat/completions"));
+            sent.push(tokio::spawn(async move {
+                post(&c, &url, KEY_SHARED, SMALL_CHAT).await.status
+            }));
+        }
+    }
+    let mut ok = 0;
+    for h in sent {
+        match h.await.unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!(ok, 10, "the request limit is shared, not per replica");
+
+    // A monthly budget of $0.001 (21 answers and a bit) with 8 clients per replica, each
+    // sending until refused: the ledger may pass the budget only by the requests in flight.
+    let mut clients = Vec::new();
+    for gw in &gws {
+        for _ in 0..8 {
+            let (c, url) = (c.clone(), gw.url("/v1/chat/completions"));
+            clients.push(tokio::spawn(async move {
+                let mut served = 0i64;
+                for _ in 0..200 {
+                    let r = post(&c, &url, KEY_POOLED, SMALL_CHAT).await;
+                    match r.status {
+                        StatusCode::OK => served += 1,
+                        StatusCode::TOO_MANY_REQUESTS => {
+                            assert_eq!(r.openai_error()["type"], "insufficient_quota");
+                            return served;
+                        }
+                        s => panic!("unexpected {s}: {}", r.text()),
+                    }
+                }
+                panic!("the budget never ran out");
+            }));
+        }
+    }
+    let mut served = 0;
+    for h in clients {
+        served += h.await.unwrap();
+    }
+    let db = Db::connect(&pg.url).await.unwrap();
+    let spent: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(cost_nanousd), 0) AS BIGINT) FROM usage_ledger WHERE tenant = 'pooled'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let budget = 1_000_000;
+    eprintln!(
+        "shared budget: {served} served, ${} spent of ${}",
+        spent as f64 / 1e9,
+        budget as f64 / 1e9
+    );
+    assert_eq!(
+        spent,
+        served * SMALL_COST,
+        "every served answer is in the ledger, once"
+    );
+    assert!(
+        spent >= budget,
+        "refused before the budget was spent: {spent}"
+    );
+    assert!(
+        spent < budget + 16 * SMALL_COST,
+        "overshot by more than the 16 requests in flight: {spent}"
+    );
+    for gw in &gws {
+        let r = post(&c, &gw.url("/v1/chat/completions"), KEY_POOLED, SMALL_CHAT).await;
+        assert_eq!(r.openai_error()["type"], "insufficient_quota");
+    }
 }

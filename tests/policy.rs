@@ -512,6 +512,11 @@ fn check_reports_bad_prices_and_ledger_urls_with_their_lines() {
     gpt-4o-mini: { input: \"0.15\", output: \"0.6\" }
     odd: { input: \"0.0375\", output: -1 }
     words: { input: cheap, output: \"1\", cached_input: \"1.5.0\" }
+tenants:
+  t:
+    limits: { tokens_per_minute: 0, budget: { daily_usd: \"1.2345678901\" } }
+    keys:
+      - { id: k, sha256: 0000000000000000000000000000000000000000000000000000000000000000, limits: { budget: { monthly_usd: \"0\" } } }
 ",
     )
     .unwrap();
@@ -534,6 +539,9 @@ fn check_reports_bad_prices_and_ledger_urls_with_their_lines() {
         "a.yaml:6: pricing.models.words.input: `cheap` is not a price",
         "a.yaml:6: pricing.models.words.cached_input: `1.5.0` is not a price",
         "b.yaml:1: pricing: defined in more than one policy file",
+        "a.yaml:9: tenants.t.limits.tokens_per_minute: must be at least 1",
+        "a.yaml:9: tenants.t.limits.budget.daily_usd: `1.2345678901` is not an amount",
+        "a.yaml:11: tenants.t.keys[0].limits.budget.monthly_usd: must be more than 0",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }

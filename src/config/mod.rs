@@ -39,6 +39,17 @@ struct RawConfig {
     kb: Option<RawKbConfig>,
     /// The usage ledger; default: a SQLite file in the data directory.
     ledger: Option<RawLedger>,
+    /// Where rate limits are counted; default: in process.
+    limits: Option<RawLimitsConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimitsConfig {
+    /// Share request and token limits between replicas through Redis.
+    redis_url: Option<String>,
+    /// Key prefix (default `fuke:limits:`).
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,6 +305,23 @@ impl Config {
         let settings = Settings {
             max_body_bytes: raw.max_body_bytes.unwrap_or(defaults.max_body_bytes),
             max_upload_bytes: raw.max_upload_bytes.unwrap_or(defaults.max_upload_bytes),
+            limits_redis: match raw.limits.as_ref().and_then(|l| l.redis_url.as_ref()) {
+                None => None,
+                Some(url) => match redis::Client::open(url.as_str()) {
+                    Ok(_) => Some(crate::limits::RedisLimits {
+                        url: url.clone(),
+                        prefix: raw
+                            .limits
+                            .as_ref()
+                            .and_then(|l| l.prefix.clone())
+                            .unwrap_or_else(|| "fuke:limits:".into()),
+                    }),
+                    Err(e) => {
+                        add("limits.redis_url".into(), format!("not a Redis URL: {e}"));
+                        None
+                    }
+                },
+            },
         };
         if settings.max_body_bytes == 0 {
             add("max_body_bytes".into(), "must be greater than 0".into());

@@ -12,6 +12,7 @@
 pub mod pricing;
 pub mod report;
 
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
-use sqlx::{AnyPool, Executor as _};
+use sqlx::{AnyPool, Executor as _, Row as _};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backends::BoxFuture;
@@ -66,9 +67,10 @@ const COLUMNS: [&str; 25] = [
 /// Schema migrations, applied in order at start; each runs once (table `fuke_schema`). The
 /// same SQL serves both databases: only TEXT and BIGINT columns (SQLite has no BOOLEAN, and
 /// money is integer nano-USD: no floats, no NUMERIC the `Any` driver cannot read).
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE IF NOT EXISTS usage_ledger (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE IF NOT EXISTS usage_ledger (
         id TEXT PRIMARY KEY,
         request_id TEXT NOT NULL,
         ts_ms BIGINT NOT NULL,
@@ -98,7 +100,21 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     CREATE INDEX IF NOT EXISTS usage_ledger_tenant_ts ON usage_ledger (tenant, ts_ms);
     CREATE INDEX IF NOT EXISTS usage_ledger_ts ON usage_ledger (ts_ms);
     CREATE INDEX IF NOT EXISTS usage_ledger_request_id ON usage_ledger (request_id);",
-)];
+    ),
+    (
+        2,
+        // Running totals per scope (`t:TENANT`, `k:KEY_ID`) and period (`d2026-11-27`,
+        // `m2026-11`, UTC), updated in the transaction that inserts the rows: budgets read one
+        // row, and every replica sharing the database sees the same total.
+        "CREATE TABLE IF NOT EXISTS usage_totals (
+        scope TEXT NOT NULL,
+        period TEXT NOT NULL,
+        cost_nanousd BIGINT NOT NULL,
+        requests BIGINT NOT NULL,
+        PRIMARY KEY (scope, period)
+    )",
+    ),
+];
 
 /// One ledger row. Also the spool file's line format.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,6 +348,7 @@ impl Db {
     /// Inserts rows in one transaction; an id already present is left as it is.
     pub async fn insert(&self, rows: &[&Row]) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        let mut totals: HashMap<(String, String), (i64, i64)> = HashMap::new();
         for chunk in rows.chunks(MAX_BATCH) {
             let mut sql = String::with_capacity(128 + chunk.len() * 160);
             sql.push_str("INSERT INTO usage_ledger (");
@@ -353,7 +370,10 @@ impl Db {
                 }
                 sql.push(')');
             }
-            sql.push_str(" ON CONFLICT (id) DO NOTHING");
+            // What was inserted (not rows already present) feeds the running totals.
+            sql.push_str(
+                " ON CONFLICT (id) DO NOTHING RETURNING tenant, key_id, ts_ms, cost_nanousd",
+            );
             // Column names and placeholders only; every value is bound. Not kept prepared: the
             // text varies with the batch size.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).persistent(false);
@@ -385,13 +405,133 @@ impl Db {
                     .bind(r.price_version.as_deref())
                     .bind(r.rules.as_deref());
             }
-            q.execute(&mut *tx).await?;
+            for r in q.fetch_all(&mut *tx).await? {
+                let tenant: String = r.try_get(0)?;
+                let key: String = r.try_get(1)?;
+                let ts: i64 = r.try_get(2)?;
+                let cost: Option<i64> = r.try_get(3)?;
+                for (scope, period) in [
+                    (Scope::Tenant(&tenant), Period::Day),
+                    (Scope::Tenant(&tenant), Period::Month),
+                    (Scope::Key(&key), Period::Day),
+                    (Scope::Key(&key), Period::Month),
+                ] {
+                    let t = totals.entry((scope.key(), period.of(ts))).or_insert((0, 0));
+                    t.0 = t.0.saturating_add(cost.unwrap_or(0));
+                    t.1 += 1;
+                }
+            }
+        }
+        if !totals.is_empty() {
+            // Sorted: concurrent writers (replicas) lock total rows in one order.
+            let mut sorted: Vec<_> = totals.into_iter().collect();
+            sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for chunk in sorted.chunks(1000) {
+                let mut sql = String::from(
+                    "INSERT INTO usage_totals (scope, period, cost_nanousd, requests) VALUES ",
+                );
+                for i in 0..chunk.len() {
+                    if i > 0 {
+                        sql.push_str(", ");
+                    }
+                    let b = i * 4;
+                    sql.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
+                }
+                sql.push_str(
+                    " ON CONFLICT (scope, period) DO UPDATE SET \
+                     cost_nanousd = usage_totals.cost_nanousd + excluded.cost_nanousd, \
+                     requests = usage_totals.requests + excluded.requests",
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).persistent(false);
+                for ((scope, period), (cost, n)) in chunk {
+                    q = q
+                        .bind(scope.as_str())
+                        .bind(period.as_str())
+                        .bind(*cost)
+                        .bind(*n);
+                }
+                q.execute(&mut *tx).await?;
+            }
         }
         tx.commit().await
     }
+
+    /// Nano-USD spent in each `(scope, period)` asked for (0 where nothing was recorded).
+    pub async fn spent(&self, keys: &[(String, String)]) -> Result<Vec<i64>, sqlx::Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = String::from("SELECT scope, period, cost_nanousd FROM usage_totals WHERE ");
+        for i in 0..keys.len() {
+            if i > 0 {
+                sql.push_str(" OR ");
+            }
+            sql.push_str(&format!(
+                "(scope = ${} AND period = ${})",
+                2 * i + 1,
+                2 * i + 2
+            ));
+        }
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+        for (s, p) in keys {
+            q = q.bind(s.as_str()).bind(p.as_str());
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let mut out = vec![0; keys.len()];
+        for r in rows {
+            let (s, p, c): (String, String, i64) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            if let Some(i) = keys.iter().position(|k| k.0 == s && k.1 == p) {
+                out[i] = c;
+            }
+        }
+        Ok(out)
+    }
 }
 
-fn now_ms() -> i64 {
+/// Whose spending a running total counts.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    Tenant(&'a str),
+    Key(&'a str),
+}
+
+impl Scope<'_> {
+    pub fn key(&self) -> String {
+        match self {
+            Scope::Tenant(t) => format!("t:{t}"),
+            Scope::Key(k) => format!("k:{k}"),
+        }
+    }
+}
+
+/// The budget periods (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    Month,
+}
+
+impl Period {
+    /// The period holding `ts_ms`: `d2026-11-27` or `m2026-11`.
+    pub fn of(self, ts_ms: i64) -> String {
+        let day = report::format_day(ts_ms.div_euclid(86_400_000));
+        match self {
+            Period::Day => format!("d{day}"),
+            Period::Month => format!("m{}", &day[..7]),
+        }
+    }
+
+    /// When the period holding `ts_ms` ends (ms).
+    pub fn end(self, ts_ms: i64) -> i64 {
+        let day = ts_ms.div_euclid(86_400_000);
+        match self {
+            Period::Day => (day + 1) * 86_400_000,
+            Period::Month => report::next_month_start_ms(day),
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

@@ -109,6 +109,28 @@ pub fn parse_price(text: &str) -> Result<i64, String> {
     Ok(whole * 1000 + frac_milli)
 }
 
+/// Parses an amount of USD (`"50"`, `"0.25"`, at most 9 decimals) into nano-USD.
+pub fn parse_usd(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || (t.contains('.') && !digits(frac)) || frac.len() > 9 {
+        return Err(format!(
+            "`{text}` is not an amount: write USD as a decimal with at most 9 places, like \"25.50\""
+        ));
+    }
+    let whole: i64 = whole
+        .parse()
+        .ok()
+        .filter(|w| *w <= 1_000_000_000)
+        .ok_or_else(|| format!("`{text}` is more than 1,000,000,000 USD"))?;
+    let mut nanos = 0i64;
+    for (i, b) in frac.bytes().enumerate() {
+        nanos += i64::from(b - b'0') * 10i64.pow(8 - i as u32);
+    }
+    Ok(whole * 1_000_000_000 + nanos)
+}
+
 /// Nano-USD as an exact decimal string with 9 places: `1234567` → `"0.001234567"`.
 pub fn format_usd(nanos: i64) -> String {
     let sign = if nanos < 0 { "-" } else { "" };
@@ -128,6 +150,10 @@ mod tests {
         assert_eq!(parse_price("0.075"), Ok(75));
         assert_eq!(parse_price("10"), Ok(10_000));
         assert_eq!(parse_price("0"), Ok(0));
+        assert_eq!(parse_usd("25.5"), Ok(25_500_000_000));
+        assert_eq!(parse_usd("0.000000001"), Ok(1));
+        assert!(parse_usd("0.0000000001").is_err());
+        assert!(parse_usd("-3").is_err());
         for bad in [
             "",
             "-1",

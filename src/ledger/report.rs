@@ -286,6 +286,13 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// The first ms of the month after the one holding `day` (days since the epoch).
+pub fn next_month_start_ms(day: i64) -> i64 {
+    let (y, m, _) = civil(day);
+    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    days_from_civil(y, m, 1) * DAY_MS
+}
+
 pub fn format_day(day: i64) -> String {
     let (y, m, d) = civil(day);
     format!("{y:04}-{m:02}-{d:02}")

@@ -456,10 +456,16 @@ fn validate(report: &mut Report<'_>, version: u64, backends: &Registry) -> Polic
                     );
                     continue;
                 }
+                let key_limits = validate_limits(report, si, &kpath, &key.limits);
+                let key_id: Arc<str> = key.id.as_str().into();
+                if !key_limits.is_empty() {
+                    tenant.key_limits.insert(key_id.clone(), key_limits);
+                }
                 let principal = Principal {
                     tenant: tenant.name.clone(),
-                    key_id: key.id.as_str().into(),
+                    key_id,
                     role: key.role,
+                    limits: key_limits,
                 };
                 if keys.insert(hash, (principal, hash)).is_some() {
                     report.add(
@@ -754,13 +760,7 @@ fn validate_tenant(
     }
     allowed.sort();
     allowed.dedup();
-    if let Some(0) = t.limits.requests_per_minute {
-        report.add(
-            si,
-            format!("{path}.limits.requests_per_minute"),
-            "must be at least 1 (leave it out for no limit)",
-        );
-    }
+    let limits = validate_limits(report, si, &path, &t.limits);
     let cache = t
         .cache
         .as_ref()
@@ -774,9 +774,55 @@ fn validate_tenant(
         rules: Vec::new(),
         name: name.into(),
         models: allowed,
-        limits: Limits {
-            requests_per_minute: t.limits.requests_per_minute.filter(|n| *n > 0),
-        },
+        limits,
+        key_limits: HashMap::new(),
+    }
+}
+
+/// `limits:` of a tenant or key: rates of at least 1, budgets in exact USD.
+fn validate_limits(
+    report: &mut Report<'_>,
+    si: usize,
+    owner: &str,
+    l: &crate::policy::raw::RawLimits,
+) -> Limits {
+    let path = format!("{owner}.limits");
+    for (name, v) in [
+        ("requests_per_minute", l.requests_per_minute),
+        ("tokens_per_minute", l.tokens_per_minute),
+    ] {
+        if v == Some(0) {
+            report.add(
+                si,
+                format!("{path}.{name}"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
+    }
+    let mut budget = |name: &str, v: Option<&crate::policy::raw::PriceText>| {
+        let text = v?.text();
+        match crate::ledger::pricing::parse_usd(&text) {
+            Ok(n) if n > 0 => Some(n),
+            Ok(_) => {
+                report.add(
+                    si,
+                    format!("{path}.budget.{name}"),
+                    "must be more than 0 (leave it out for no budget)",
+                );
+                None
+            }
+            Err(e) => {
+                report.add(si, format!("{path}.budget.{name}"), e);
+                None
+            }
+        }
+    };
+    let b = l.budget.as_ref();
+    Limits {
+        requests_per_minute: l.requests_per_minute.filter(|n| *n > 0),
+        tokens_per_minute: l.tokens_per_minute.filter(|n| *n > 0),
+        daily_budget: budget("daily_usd", b.and_then(|b| b.daily_usd.as_ref())),
+        monthly_budget: budget("monthly_usd", b.and_then(|b| b.monthly_usd.as_ref())),
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Principal {
     pub tenant: Arc<str>,
     pub key_id: Arc<str>,
     pub role: Role,
+    /// The key's own limits (its tenant's apply too).
+    pub limits: Limits,
 }
 
 #[derive(Debug)]
@@ -31,6 +33,8 @@ pub struct Tenant {
     /// Sorted aliases this tenant may use.
     pub models: Vec<Arc<str>>,
     pub limits: Limits,
+    /// Limits of its keys that have their own, by key id.
+    pub key_limits: HashMap<Arc<str>, Limits>,
     /// The answer cache's settings; `None`: off.
     pub cache: Option<crate::cache::Settings>,
     /// Knowledge-base retrieval; `None`: off.
@@ -49,9 +53,24 @@ pub struct KbGrant {
     pub template: minijinja::Environment<'static>,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
     pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    /// Nano-USD per UTC day.
+    pub daily_budget: Option<i64>,
+    /// Nano-USD per UTC calendar month.
+    pub monthly_budget: Option<i64>,
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    pub fn has_budget(&self) -> bool {
+        self.daily_budget.is_some() || self.monthly_budget.is_some()
+    }
 }
 
 /// An alias clients name in `model`, and where it goes: candidates sorted by tier.

@@ -283,12 +283,27 @@ pub struct RawKey {
     pub sha256: String,
     #[serde(default)]
     pub role: Role,
+    /// This key's own limits, on top of its tenant's.
+    #[serde(default)]
+    pub limits: RawLimits,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub requests_per_minute: Option<u32>,
+    /// Prompt + completion tokens per minute, as the upstream reported them.
+    pub tokens_per_minute: Option<u32>,
+    /// Spending limits in USD, checked against the ledger's running totals.
+    pub budget: Option<RawBudget>,
+}
+
+/// `limits.budget`: USD per UTC day and per UTC calendar month.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub daily_usd: Option<PriceText>,
+    pub monthly_usd: Option<PriceText>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
