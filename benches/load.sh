@@ -24,11 +24,15 @@ UP=127.0.0.1:19001 BASE=127.0.0.1:19100 FUKE=127.0.0.1:19200
 key=fk-load-test-key
 hash=$(printf '%s' "$key" | sha256sum | cut -d' ' -f1)
 mkdir -p "$work/policies"
+# The ledger is off here: these runs compare the relay path with the baseline across sessions;
+# benches/ledger.sh measures the ledger on against off.
 cat > "$work/fuke.yaml" <<YAML
 listeners:
   - addr: $FUKE
     plaintext: true
 policies: policies
+ledger:
+  url: "off"
 YAML
 cat > "$work/policies/load.yaml" <<YAML
 upstreams:

@@ -307,6 +307,11 @@ async fn dispatch(
                 ))
             };
         }
+        (&Method::GET, p) if p.starts_with("/dashboard") => {
+            if let Some(resp) = crate::dashboard::asset(p) {
+                return Ok(resp);
+            }
+        }
         (&Method::GET, "/metrics") => {
             let mut resp = text(StatusCode::OK, app.metrics.encode());
             resp.headers_mut().insert(
@@ -322,7 +327,8 @@ async fn dispatch(
     let is_models = path == "/v1/models" || path.starts_with("/v1/models/");
     let is_admin = path == "/admin/breakers";
     let is_usage = path == "/v1/usage";
-    let method_ok = match (&endpoint, is_models || is_admin || is_usage) {
+    let is_budgets = path == "/v1/usage/budgets";
+    let method_ok = match (&endpoint, is_models || is_admin || is_usage || is_budgets) {
         (Some(_), _) => method == Method::POST,
         (None, true) => method == Method::GET,
         (None, false) => {
@@ -341,7 +347,7 @@ async fn dispatch(
     labels.endpoint = match endpoint {
         Some(e) => e.as_str(),
         None if is_admin => "admin",
-        None if is_usage => "usage",
+        None if is_usage || is_budgets => "usage",
         None => "models",
     };
 
@@ -366,6 +372,9 @@ async fn dispatch(
     }
     if is_usage {
         return usage_report(app, &principal, &req).await;
+    }
+    if is_budgets {
+        return budgets(app, &principal, &policy).await;
     }
 
     let stage = trace.map(|t| {
@@ -596,6 +605,86 @@ async fn usage_report<B>(
     let mut resp = Response::new(body::full(bytes));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    Ok(resp)
+}
+
+/// `GET /v1/usage/budgets` (finance and admin keys): every tenant's and key's budgets, with
+/// what has been spent in the current period (the ledger's running totals).
+async fn budgets(
+    app: &App,
+    principal: &Principal,
+    policy: &Policy,
+) -> Result<Response<Body>, Error> {
+    use crate::ledger::pricing::format_usd;
+    use crate::ledger::{Period, Scope};
+    if principal.role == Role::Tenant {
+        return Err(Error::Forbidden {
+            role: principal.role.as_str(),
+            what: "/v1/usage/budgets".into(),
+        });
+    }
+    let Some(db) = app.ledger.get() else {
+        return Err(Error::Unavailable {
+            message: "the usage ledger is off".into(),
+            detail: "ledger.url is `off` in fuke.yaml".into(),
+        });
+    };
+    #[derive(serde::Serialize)]
+    struct Line {
+        scope: &'static str,
+        name: String,
+        tenant: String,
+        period: &'static str,
+        budget_usd: String,
+        budget_nanousd: i64,
+        spent_usd: String,
+        spent_nanousd: i64,
+        renews_at: String,
+    }
+    let now = crate::ledger::now_ms();
+    let mut asked = Vec::new();
+    let mut lines = Vec::new();
+    for t in policy.tenants() {
+        let mut keys: Vec<_> = t.key_limits.iter().collect();
+        keys.sort_by(|a, b| a.0.cmp(b.0));
+        let owners = std::iter::once(("tenant", Scope::Tenant(&t.name), &*t.name, &t.limits))
+            .chain(keys.iter().map(|(k, l)| ("key", Scope::Key(k), &***k, *l)));
+        for (scope, spender, name, limits) in owners {
+            for (period, budget, label) in [
+                (Period::Day, limits.daily_budget, "day"),
+                (Period::Month, limits.monthly_budget, "month"),
+            ] {
+                let Some(budget) = budget else { continue };
+                asked.push((spender.key(), period.of(now)));
+                lines.push(Line {
+                    scope,
+                    name: name.to_string(),
+                    tenant: t.name.to_string(),
+                    period: label,
+                    budget_usd: format_usd(budget),
+                    budget_nanousd: budget,
+                    spent_usd: String::new(),
+                    spent_nanousd: 0,
+                    renews_at: crate::ledger::report::format_time(period.end(now)),
+                });
+            }
+        }
+    }
+    let spent = db.spent(&asked).await.map_err(|e| Error::Unavailable {
+        message: "the usage ledger cannot be read".into(),
+        detail: e.to_string(),
+    })?;
+    for (line, spent) in lines.iter_mut().zip(spent) {
+        line.spent_nanousd = spent;
+        line.spent_usd = format_usd(spent);
+    }
+    let json = serde_json::to_vec(&serde_json::json!({"object": "list", "data": lines}))
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let mut resp = Response::new(body::full(json));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     Ok(resp)
 }
 

@@ -51,6 +51,7 @@ pub mod backends;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod dashboard;
 pub mod devcerts;
 pub mod embed;
 pub mod error;

@@ -879,3 +879,132 @@ async fn two_replicas_share_budgets_through_postgres_and_rate_limits_through_red
         assert_eq!(r.openai_error()["type"], "insufficient_quota");
     }
 }
+
+/// Runs headless Chromium on `url`; `what` is `--dump-dom` or `--screenshot=PATH`.
+fn chromium(url: &str, what: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--force-device-scale-factor=1",
+            "--window-size=1000,1700",
+            "--virtual-time-budget=10000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(what)
+        .arg(url)
+        .output()
+        .expect("chromium (scripts/setup.sh installs Debian's package)");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finance_dashboard_renders_the_ledger_in_headless_chromium() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start_with(
+        &billing_policy(&up.base_url()),
+        Options {
+            ledger: Some(LedgerConfig::embedded(dir.path())),
+            ..Options::default()
+        },
+    )
+    .await;
+    let c = client();
+    let url = gw.url("/v1/chat/completions");
+    // acme spends twice what budgeted spends, in tokens and in money.
+    for key in [KEY_ACME, KEY_ACME, KEY_BUDGETED] {
+        assert_eq!(post(&c, &url, key, SMALL_CHAT).await.status, StatusCode::OK);
+    }
+
+    // The page and its assets are served from the binary, locked down.
+    let page = get(&c, &gw.url("/dashboard"), None).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    assert_eq!(
+        get(&c, &gw.url("/dashboard/app.js"), None).await.status,
+        StatusCode::OK
+    );
+    // Budgets need a finance key.
+    let r = get(&c, &gw.url("/v1/usage/budgets"), Some(KEY_ACME)).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let b = get(&c, &gw.url("/v1/usage/budgets"), Some(KEY_FINANCE))
+        .await
+        .json();
+    let day = b["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "budgeted" && l["period"] == "day")
+        .unwrap()
+        .clone();
+    assert_eq!(day["spent_nanousd"], SMALL_COST);
+    assert_eq!(day["budget_usd"], "0.000100000");
+
+    let signed_in = format!("{}#key={KEY_FINANCE}", gw.url("/dashboard"));
+    let dom = chromium(&signed_in, "--dump-dom");
+    assert!(
+        dom.contains(r#"data-loaded="true""#),
+        "the script did not finish:\n{dom}"
+    );
+    // The numbers are the ledger's.
+    assert!(
+        dom.contains(&format!(
+            r#"id="total-spend">${}<"#,
+            fuke::ledger::pricing::format_usd(3 * SMALL_COST)
+        )),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("$0.000047500 of $0.000100000 (47.5%)"),
+        "{dom}"
+    );
+    // The spend bars are drawn to scale: acme's is twice budgeted's.
+    let width = |tenant: &str| -> f64 {
+        let at = dom
+            .find(&format!(r#"data-kind="tenant-spend" data-name="{tenant}""#))
+            .unwrap_or_else(|| panic!("no bar for {tenant}:\n{dom}"));
+        let tag_start = dom[..at].rfind("<rect").unwrap();
+        let tag = &dom[tag_start..at];
+        let w = tag.split("width=\"").nth(1).unwrap();
+        w[..w.find('"').unwrap()].parse().unwrap()
+    };
+    let ratio = width("acme") / width("budgeted");
+    assert!((ratio - 2.0).abs() < 0.01, "bar ratio {ratio}");
+
+    // What a person sees: the screenshot has acme's colour about twice as much as budgeted's
+    // (spend bars, spend and token columns all scale 2:1).
+    let shot = std::env::var_os("FUKE_DASHBOARD_PNG")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| dir.path().join("dashboard.png"));
+    chromium(&signed_in, &format!("--screenshot={}", shot.display()));
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    let count = |rgb: [u8; 3]| {
+        buf[..info.buffer_size()]
+            .chunks(channels)
+            .filter(|p| p[..3] == rgb)
+            .count()
+    };
+    let (blue, orange) = (count([0x25, 0x63, 0xeb]), count([0xea, 0x58, 0x0c]));
+    eprintln!("dashboard screenshot: {blue} px acme, {orange} px budgeted");
+    assert!(orange > 500, "budgeted's bars are not on the screenshot");
+    let ratio = blue as f64 / orange as f64;
+    assert!((1.7..2.3).contains(&ratio), "pixel ratio {ratio}");
+}

@@ -112,6 +112,13 @@ impl Policy {
         self.tenants.get(name)
     }
 
+    /// Every tenant, by name.
+    pub fn tenants(&self) -> Vec<&Tenant> {
+        let mut all: Vec<&Tenant> = self.tenants.values().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
     /// The route for `alias` if `tenant` may use it; the error says which of the two failed.
     pub fn route_for(&self, tenant: &Tenant, alias: &str) -> Result<&ModelRoute, RouteRefusal> {
         let route = self.models.get(alias).ok_or(RouteRefusal::Unknown)?;

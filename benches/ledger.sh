@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# What the usage ledger costs, in one run:
+#  1. the ledger alone: rows/s committed at concurrency 1 (one transaction and fsync per row) and
+#     64 (group commit), SQLite (WAL, synchronous=FULL) and PostgreSQL;
+#  2. the gateway with the ledger off, on SQLite and on PostgreSQL, against the same upstream:
+#     wrk JSON and SSE at concurrency 64 (and 16), RPS and p99, and each ratio to "off".
+#   benches/ledger.sh [seconds per run, default 10]
+# Needs wrk (apt-get install wrk) and the machine's PostgreSQL on 127.0.0.1:5432 (trust auth).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-10}"
+command -v wrk >/dev/null || { echo "wrk is needed: apt-get install -y wrk" >&2; exit 1; }
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+cargo build --release --quiet --bin fuke --example echo_upstream --example ledger_bench
+ulimit -n 65536 2>/dev/null || true
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+pg() { psql -q -h 127.0.0.1 -U postgres -d postgres -c "$1" >/dev/null; }
+pg "DROP DATABASE IF EXISTS fuke_ledger_bench WITH (FORCE)"
+pg "CREATE DATABASE fuke_ledger_bench"
+PG_URL=postgres://postgres@127.0.0.1:5432/fuke_ledger_bench
+
+echo "== the ledger alone (benches/ledger_bench.rs)"
+for c in 1 64; do
+  rows=$([ "$c" = 1 ] && echo 2000 || echo 50000)
+  target/release/examples/ledger_bench "sqlite://$work/alone.db" "$rows" "$c"
+  pg "DROP DATABASE IF EXISTS fuke_ledger_bench WITH (FORCE)"; pg "CREATE DATABASE fuke_ledger_bench"
+  target/release/examples/ledger_bench "$PG_URL" "$rows" "$c"
+done
+pg "DROP DATABASE IF EXISTS fuke_ledger_bench WITH (FORCE)"; pg "CREATE DATABASE fuke_ledger_bench"
+
+UP=127.0.0.1:19001
+key=fk-load-test-key
+hash=$(printf '%s' "$key" | sha256sum | cut -d' ' -f1)
+mkdir -p "$work/policies"
+cat > "$work/policies/load.yaml" <<YAML
+upstreams:
+  echo: { base_url: "http://$UP/v1" }
+models:
+  gpt-4o-mini: { upstream: echo }
+tenants:
+  bench:
+    models: ["*"]
+    keys:
+      - { id: bench-key, sha256: $hash }
+pricing:
+  models:
+    gpt-4o-mini: { input: "0.15", output: "0.6" }
+YAML
+target/release/examples/echo_upstream "$UP" >/dev/null & pids+=($!)
+
+declare -A ADDR=([off]=127.0.0.1:19201 [sqlite]=127.0.0.1:19202 [postgres]=127.0.0.1:19203)
+declare -A URL=([off]=off [sqlite]="sqlite://$work/gateway.db" [postgres]="$PG_URL")
+for v in off sqlite postgres; do
+  cat > "$work/$v.yaml" <<YAML
+listeners:
+  - addr: ${ADDR[$v]}
+    plaintext: true
+policies: policies
+ledger:
+  url: ${URL[$v]}
+  spool: $work/$v-spool.jsonl
+YAML
+  RUST_LOG=warn target/release/fuke serve -c "$work/$v.yaml" >"$work/$v.log" 2>&1 & pids+=($!)
+done
+for a in $UP ${ADDR[off]} ${ADDR[sqlite]} ${ADDR[postgres]}; do
+  for _ in $(seq 100); do curl -s -o /dev/null "http://$a/" && break; sleep 0.1; done
+done
+
+for mode in json sse; do
+  stream=false; [ "$mode" = sse ] && stream=true
+  cat > "$work/$mode.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"model":"gpt-4o-mini","stream":$stream,"messages":[{"role":"user","content":"Where is my order 12345? It was due yesterday."}]}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $key"
+LUA
+done
+
+run() {
+  local addr=$1 mode=$2 conns=$3 out
+  out=$(wrk -t2 -c"$conns" -d"${secs}s" --latency -s "$work/$mode.lua" "http://$addr/v1/chat/completions")
+  if echo "$out" | grep -q "Non-2xx"; then echo "non-2xx answers from $addr" >&2; echo "$out" >&2; exit 1; fi
+  local rps p99
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}')
+  echo "$rps $p99"
+}
+
+echo
+echo "== the gateway, ledger off / SQLite / PostgreSQL (same upstream, same run)"
+printf '%-5s %-5s %10s %10s %10s %9s %9s %9s %9s %9s\n' mode conc off_rps sqlite_rps pg_rps sqlite/off pg/off off_p99 sqlite_p99 pg_p99
+for mode in json sse; do
+  for c in 16 64; do
+    read -r o_rps o_p99 < <(run "${ADDR[off]}" $mode $c)
+    read -r s_rps s_p99 < <(run "${ADDR[sqlite]}" $mode $c)
+    read -r p_rps p_p99 < <(run "${ADDR[postgres]}" $mode $c)
+    printf '%-5s %-5s %10s %10s %10s %9s %9s %9s %9s %9s\n' "$mode" "$c" "$o_rps" "$s_rps" "$p_rps" \
+      "$(awk -v a="$s_rps" -v b="$o_rps" 'BEGIN {printf "%.3f", a/b}')" \
+      "$(awk -v a="$p_rps" -v b="$o_rps" 'BEGIN {printf "%.3f", a/b}')" "$o_p99" "$s_p99" "$p_p99"
+  done
+done
+
+# Every request wrk completed is a row (rows are committed before the last byte).
+rows() { sqlite3_count=$(target/release/fuke usage -c "$work/$1.yaml" --format json --from 2000-01-01 | awk -F: '/"requests"/ {gsub(/[ ,]/,"",$2); n=$2} END {print n}'); echo "$sqlite3_count"; }
+echo
+echo "ledger rows: sqlite $(rows sqlite), postgres $(rows postgres)"
+grep -h "spool" "$work"/*.log || echo "no rows spooled"
+pg "DROP DATABASE IF EXISTS fuke_ledger_bench WITH (FORCE)" || true
