@@ -65,7 +65,46 @@ pub struct UsageEvent {
     pub pricing: Option<Arc<Pricing>>,
 }
 
+/// Where the tokens billed for a request come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageSource {
+    /// The upstream's (or local model's) own usage report.
+    Upstream,
+    /// A stream that ended before the upstream reported usage (client gone, upstream broke):
+    /// the output chunks the client received, one token each; prompt tokens unknown (0).
+    Streamed,
+    /// Nothing reported and nothing streamed.
+    None,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Upstream => "upstream",
+            UsageSource::Streamed => "streamed",
+            UsageSource::None => "none",
+        }
+    }
+}
+
 impl UsageEvent {
+    /// The usage billed: the upstream's report, else what a stream delivered (see
+    /// [`UsageSource::Streamed`]), else nothing.
+    pub fn billed(&self) -> (Usage, UsageSource) {
+        match self.usage {
+            Some(u) => (u, UsageSource::Upstream),
+            None if self.streamed && self.streamed_chunks > 0 => (
+                Usage {
+                    completion_tokens: u64::from(self.streamed_chunks),
+                    total_tokens: u64::from(self.streamed_chunks),
+                    ..Usage::default()
+                },
+                UsageSource::Streamed,
+            ),
+            None => (Usage::default(), UsageSource::None),
+        }
+    }
+
     /// What the request cost (nano-USD) and the price version used; `None` when the served
     /// model has no price. A cache hit ran no model and costs nothing.
     pub fn cost(&self) -> Option<(i64, &Arc<str>)> {
@@ -74,8 +113,7 @@ impl UsageEvent {
             return Some((0, &pricing.version));
         }
         let price = pricing.price(&self.backend, &self.upstream_model)?;
-        let usage = self.usage.unwrap_or_default();
-        Some((price.cost(&usage), &pricing.version))
+        Some((price.cost(&self.billed().0), &pricing.version))
     }
 }
 

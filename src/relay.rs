@@ -447,7 +447,7 @@ impl SseRelay {
             }
             if self.scanner.is_done() {
                 if let Some(mut meter) = self.meter.take() {
-                    meter.chunks = self.scanner.events();
+                    meter.chunks = self.scanner.output_events();
                     self.add_rule_hits(&mut meter);
                     meter
                         .record(self.scanner.usage(), self.status, Outcome::Completed)
@@ -509,7 +509,7 @@ impl SseRelay {
         tracing::warn!(error = %error, "stream ended abnormally");
         self.capture = None;
         if let Some(mut meter) = self.meter.take() {
-            meter.chunks = self.scanner.events();
+            meter.chunks = self.scanner.output_events();
             self.add_rule_hits(&mut meter);
             meter
                 .record(self.scanner.usage(), 502, Outcome::UpstreamFailed)
@@ -530,7 +530,7 @@ impl Drop for SseRelay {
         // Dropped before the usage event: the client disconnected. Dropping `upstream` here
         // closes the upstream connection, which cancels the generation there.
         if let Some(mut meter) = self.meter.take() {
-            meter.chunks = self.scanner.events();
+            meter.chunks = self.scanner.output_events();
             self.add_rule_hits(&mut meter);
             meter.record_detached(self.scanner.usage(), 499, Outcome::ClientAborted);
         }

@@ -28,6 +28,8 @@ pub struct SseScanner {
     usage: Option<Usage>,
     /// Ordinary (output) events seen.
     events: u32,
+    /// 1 when the first event only announced the role (`"role":"assistant","content":""`).
+    preamble: u32,
     done: bool,
     /// The `data: [DONE]` event, released only after metering.
     held: Option<Bytes>,
@@ -52,6 +54,7 @@ impl SseScanner {
             max_event: DEFAULT_MAX_EVENT_BYTES,
             usage: None,
             events: 0,
+            preamble: 0,
             done: false,
             held: None,
         }
@@ -70,6 +73,13 @@ impl SseScanner {
     /// Ordinary events (chunks) seen so far, usage chunk and `[DONE]` not counted.
     pub fn events(&self) -> u32 {
         self.events
+    }
+
+    /// Events that carried output: the ordinary events less a first one that only announced
+    /// the role. OpenAI-compatible servers stream one token per such event, so this is what a
+    /// client received of an answer whose upstream never reported usage.
+    pub fn output_events(&self) -> u32 {
+        self.events - self.preamble
     }
 
     /// Whether `data: [DONE]` has been seen.
@@ -159,6 +169,9 @@ impl SseScanner {
             return EventKind::Done;
         }
         if crate::openai::find_usage_object(payload).is_none() {
+            if self.events == 0 && is_role_only(payload) {
+                self.preamble = 1;
+            }
             return EventKind::Plain;
         }
         #[derive(Deserialize)]
@@ -179,6 +192,16 @@ impl SseScanner {
             Err(_) => EventKind::Plain,
         }
     }
+}
+
+/// A chunk that announces the role with no output (`"delta":{"role":"assistant","content":""}`);
+/// only the first event is looked at.
+fn is_role_only(payload: &[u8]) -> bool {
+    let has = |needle: &[u8]| memchr::memmem::find(payload, needle).is_some();
+    has(b"\"role\"")
+        && (has(b"\"content\":\"\"") || !has(b"\"content\""))
+        && !has(b"\"tool_calls\"")
+        && !has(b"\"reasoning_content\":\"")
 }
 
 /// The `data:` field of an event (the first one; OpenAI-compatible servers send one per event).
@@ -270,6 +293,22 @@ mod tests {
         assert_eq!(String::from_utf8(bytes).unwrap(), format!("{C1}{C2}{D}"));
         assert_eq!(sc.usage().unwrap().total_tokens, 5);
         assert!(sc.is_done());
+    }
+
+    #[test]
+    fn output_events_leave_out_a_role_announcement() {
+        let role =
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+        let (_, _, sc) = run(&[format!("{role}{C1}{C2}").as_bytes()], true);
+        assert_eq!((sc.events(), sc.output_events()), (3, 2));
+        // A first chunk with the role and real content is output.
+        let both =
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"}}]}\n\n";
+        let (_, _, sc) = run(&[format!("{both}{C2}").as_bytes()], true);
+        assert_eq!(sc.output_events(), 2);
+        // Only the first event is looked at.
+        let (_, _, sc) = run(&[format!("{C1}{role}").as_bytes()], true);
+        assert_eq!(sc.output_events(), 2);
     }
 
     #[test]

@@ -326,12 +326,14 @@ impl Metrics {
         {
             self.cost.get_or_create(&labels).inc_by(nanos as u64);
         }
-        let Some(usage) = ev.usage else {
-            if ev.status < 400 {
-                self.usage_missing.inc();
-            }
+        if ev.usage.is_none() && ev.status < 400 {
+            self.usage_missing.inc();
+        }
+        // The tokens billed (the ledger's), so the counters reconcile with it.
+        let (usage, source) = ev.billed();
+        if source == crate::metering::UsageSource::None {
             return;
-        };
+        }
         for (kind, n) in [
             ("prompt", usage.prompt_tokens),
             ("completion", usage.completion_tokens),

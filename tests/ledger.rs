@@ -134,7 +134,7 @@ fn usage(prompt: u64, completion: u64, cached: u64) -> Usage {
 async fn rows(db: &Db) -> Vec<Row> {
     let rs = sqlx::query(
         "SELECT id, request_id, ts_ms, tenant, key_id, endpoint, model, served_model, backend,
-            prompt_tokens, completion_tokens, cached_tokens, usage_reported, cache, tokens_saved,
+            prompt_tokens, completion_tokens, cached_tokens, usage_source, cache, tokens_saved,
             kb_chunks, fallback, status, outcome, streamed, streamed_chunks, latency_ms,
             cost_nanousd, price_version, rules FROM usage_ledger ORDER BY request_id",
     )
@@ -155,7 +155,7 @@ async fn rows(db: &Db) -> Vec<Row> {
             prompt_tokens: r.get(9),
             completion_tokens: r.get(10),
             cached_tokens: r.get(11),
-            usage_reported: r.get::<i64, _>(12) != 0,
+            usage_source: r.get(12),
             cache: r.get(13),
             tokens_saved: r.get(14),
             kb_chunks: r.get(15),
@@ -235,7 +235,9 @@ async fn suite(url: String) {
     assert_eq!(by_id["req-1"].cached_tokens, 400);
     assert_eq!(by_id["req-1"].price_version.as_deref(), Some("test-1"));
     assert_eq!(by_id["req-7"].cost_nanousd, None, "unpriced model");
-    assert!(!by_id["req-0"].usage_reported);
+    // req-0: a stream with no usage report: billed by the 0 chunks it delivered (none).
+    assert_eq!(by_id["req-0"].usage_source, "none");
+    assert_eq!(by_id["req-1"].usage_source, "upstream");
 
     // Idempotent: the same row again (a spool replay) inserts nothing.
     let again = by_id["req-2"];
@@ -354,6 +356,8 @@ pricing:
   version: v7
   models:
     echo-model: {{ input: "2.5", output: "10", cached_input: "1.25" }}
+    slow: {{ input: "1", output: "2" }}
+    drop: {{ input: "1", output: "3" }}
 "#,
         policy_yaml(base_url),
         hash(KEY_FINANCE),
@@ -1007,4 +1011,83 @@ async fn finance_dashboard_renders_the_ledger_in_headless_chromium() {
     assert!(orange > 500, "budgeted's bars are not on the screenshot");
     let ratio = blue as f64 / orange as f64;
     assert!((1.7..2.3).contains(&ratio), "pixel ratio {ratio}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cut_short_are_billed_for_the_chunks_delivered() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start_with(
+        &billing_policy(&up.base_url()),
+        Options {
+            ledger: Some(LedgerConfig::embedded(dir.path())),
+            ..Options::default()
+        },
+    )
+    .await;
+    let db = gw.app.ledger.get().unwrap().clone();
+    let row = |id: String| {
+        let db = db.clone();
+        async move {
+            sqlx::query_as::<_, (String, String, i64, i64, Option<i64>)>(
+                "SELECT outcome, usage_source, prompt_tokens, completion_tokens, cost_nanousd
+                 FROM usage_ledger WHERE request_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap()
+        }
+    };
+    let c = client();
+
+    // The client reads 5 chunks of a 150-word stream and leaves.
+    let resp = c.request(slow_stream_request(&gw.url(""))).await.unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mut body = resp.into_body();
+    let mut got = 0;
+    while got < 5 {
+        let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        got += data.windows(6).filter(|w| w == b"data: ").count();
+    }
+    drop(body);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        if let Some(r) = row(id.clone()).await {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no row for the aborted stream"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let (outcome, source, prompt, completion, cost) = found;
+    assert_eq!(
+        (outcome.as_str(), source.as_str(), prompt),
+        ("client_aborted", "streamed", 0)
+    );
+    // What reached the client's connection: at least what it read, far less than the answer.
+    assert!((5..60).contains(&completion), "{completion} chunks billed");
+    assert_eq!(cost, Some(completion * 2000));
+
+    // The upstream breaks after two chunks: those two are billed.
+    let r = post(
+        &c,
+        &gw.url("/v1/chat/completions"),
+        KEY_ACME,
+        r#"{"model":"drop","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    let id = r.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(
+        row(id).await,
+        Some((
+            "upstream_failed".into(),
+            "streamed".into(),
+            0,
+            2,
+            Some(2 * 3000)
+        ))
+    );
 }

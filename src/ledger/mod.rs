@@ -49,7 +49,7 @@ const COLUMNS: [&str; 25] = [
     "prompt_tokens",
     "completion_tokens",
     "cached_tokens",
-    "usage_reported",
+    "usage_source",
     "cache",
     "tokens_saved",
     "kb_chunks",
@@ -83,7 +83,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         prompt_tokens BIGINT NOT NULL,
         completion_tokens BIGINT NOT NULL,
         cached_tokens BIGINT NOT NULL,
-        usage_reported BIGINT NOT NULL,
+        usage_source TEXT NOT NULL,
         cache TEXT NOT NULL,
         tokens_saved BIGINT NOT NULL,
         kb_chunks BIGINT NOT NULL,
@@ -131,7 +131,9 @@ pub struct Row {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cached_tokens: i64,
-    pub usage_reported: bool,
+    /// `upstream` (its report), `streamed` (a stream cut short: output chunks received, one
+    /// token each) or `none`.
+    pub usage_source: String,
     pub cache: String,
     pub tokens_saved: i64,
     pub kb_chunks: i64,
@@ -154,7 +156,7 @@ fn int(n: u64) -> i64 {
 impl Row {
     /// The row of one usage event; `id` is minted here, once per event.
     pub fn of(ev: &UsageEvent) -> Row {
-        let usage = ev.usage.unwrap_or_default();
+        let (usage, source) = ev.billed();
         let (cost, version) = match ev.cost() {
             Some((c, v)) => (Some(c), Some(v.to_string())),
             None => (None, None),
@@ -176,7 +178,7 @@ impl Row {
             prompt_tokens: int(usage.prompt_tokens),
             completion_tokens: int(usage.completion_tokens),
             cached_tokens: int(usage.cached_tokens()),
-            usage_reported: ev.usage.is_some(),
+            usage_source: source.as_str().to_string(),
             cache: ev.cache.as_str().to_string(),
             tokens_saved: match ev.cache {
                 CacheUse::Hit { saved: Some(s), .. } => int(s.total_tokens),
@@ -391,7 +393,7 @@ impl Db {
                     .bind(r.prompt_tokens)
                     .bind(r.completion_tokens)
                     .bind(r.cached_tokens)
-                    .bind(i64::from(r.usage_reported))
+                    .bind(r.usage_source.as_str())
                     .bind(r.cache.as_str())
                     .bind(r.tokens_saved)
                     .bind(r.kb_chunks)
