@@ -21,5 +21,7 @@ Fuke demo: http://127.0.0.1:8080/v1 and https://127.0.0.1:8443/v1 (CA: certs/ca.
     -d '{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}],"stream":true}'
   (model "smollm2" is the local llama.cpp model; "gpt-4o-mini" goes to the echo upstream;
    "support-bot" tries the echo upstream first and falls back to smollm2: see x-fuke-backend)
+Usage and spend (ledger: data/ledger.db): http://127.0.0.1:8080/dashboard
+  with the finance key fk-demo-finance-change-me, or target/release/fuke usage --group-by model
 MSG
 "$bin" serve -c fuke.yaml
