@@ -60,7 +60,7 @@ pub struct App {
     /// OTLP tracing; `None` when off.
     pub tracing: Option<Arc<Tracing>>,
     /// The usage ledger's database (reports read it); unset when the ledger is off.
-    pub ledger: std::sync::OnceLock<crate::ledger::Db>,
+    pub ledger: std::sync::OnceLock<crate::ledger::Reader>,
     shutting_down: AtomicBool,
 }
 
@@ -145,7 +145,11 @@ impl UsageSink for TokenDebit {
         event: crate::metering::UsageEvent,
     ) -> crate::backends::BoxFuture<'static, ()> {
         use crate::limits::Scope;
-        let tokens = event.usage.map_or(0, |u| u.total_tokens);
+        // What the ledger bills: also a stream cut short before the upstream's usage report.
+        let billed = event.billed().0;
+        let tokens = billed
+            .prompt_tokens
+            .saturating_add(billed.completion_tokens);
         let mut debits = Vec::new();
         if tokens > 0 {
             let policy = self.policy.current();
@@ -411,51 +415,60 @@ async fn check_limits(
     tenant: &crate::policy::Tenant,
     principal: &Principal,
 ) -> Result<(), Error> {
-    use crate::ledger::{Period, Scope as Spender};
-    use crate::limits::{Scope, Unit};
+    use crate::limits::{RetryAfter, Scope, Unit};
     let scopes = [
-        (Scope::Tenant(tenant.name.clone()), &tenant.limits, "tenant"),
         (
             Scope::Key(principal.key_id.clone()),
             &principal.limits,
             "key",
         ),
+        (Scope::Tenant(tenant.name.clone()), &tenant.limits, "tenant"),
     ];
+    let refuse = |scope: &Scope, whose: &str, unit: Unit, per_minute: u32, wait: RetryAfter| {
+        let secs = wait.0.as_secs() + u64::from(wait.0.subsec_nanos() > 0);
+        let (Scope::Tenant(name) | Scope::Key(name)) = scope;
+        Error::LimitExceeded {
+            message: format!(
+                "Rate limit reached for {whose} {name}: {per_minute} {} per minute. Retry in {secs}s.",
+                unit.as_str()
+            ),
+            retry_after_secs: secs.max(1),
+            unit: unit.as_str(),
+            limit: Some(u64::from(per_minute)),
+        }
+    };
+    // What only looks comes first (token debt, then budgets), and what counts last (requests,
+    // the key's before its tenant's): a refused request uses up no allowance it did not need.
     for (scope, limits, whose) in &scopes {
-        for (unit, per_minute) in [
-            (Unit::Requests, limits.requests_per_minute),
-            (Unit::Tokens, limits.tokens_per_minute),
-        ] {
-            let Some(per_minute) = per_minute else {
-                continue;
-            };
-            if let Err(wait) = app.limiter.admit(scope, unit, per_minute).await {
-                let secs = wait.0.as_secs() + u64::from(wait.0.subsec_nanos() > 0);
-                let name = match scope {
-                    Scope::Tenant(n) | Scope::Key(n) => n,
-                };
-                return Err(Error::LimitExceeded {
-                    message: format!(
-                        "Rate limit reached for {whose} {name}: {per_minute} {} per minute. Retry in {secs}s.",
-                        unit.as_str()
-                    ),
-                    retry_after_secs: secs.max(1),
-                    unit: unit.as_str(),
-                    limit: Some(u64::from(per_minute)),
-                });
-            }
+        if let Some(tpm) = limits.tokens_per_minute
+            && let Err(wait) = app.limiter.admit(scope, Unit::Tokens, tpm).await
+        {
+            return Err(refuse(scope, whose, Unit::Tokens, tpm, wait));
         }
     }
+    check_budgets(app, tenant, principal).await?;
+    for (scope, limits, whose) in &scopes {
+        if let Some(rpm) = limits.requests_per_minute
+            && let Err(wait) = app.limiter.admit(scope, Unit::Requests, rpm).await
+        {
+            return Err(refuse(scope, whose, Unit::Requests, rpm, wait));
+        }
+    }
+    Ok(())
+}
+
+/// Daily and monthly budgets of the tenant and the key, against the ledger's running totals.
+async fn check_budgets(
+    app: &App,
+    tenant: &crate::policy::Tenant,
+    principal: &Principal,
+) -> Result<(), Error> {
+    use crate::ledger::{Period, Scope as Spender};
     if !tenant.limits.has_budget() && !principal.limits.has_budget() {
         return Ok(());
     }
     // Budgets: the ledger's running totals, shared by every replica on the same database.
-    let Some(db) = app.ledger.get() else {
-        return Err(Error::Unavailable {
-            message: "this key has a budget, and the usage ledger that enforces it is off".into(),
-            detail: "ledger.url: off".into(),
-        });
-    };
+    let db = ledger_db(app)?;
     let now = crate::ledger::now_ms();
     let mut asked = Vec::new();
     let mut budgets = Vec::new();
@@ -483,10 +496,7 @@ async fn check_limits(
             }
         }
     }
-    let spent = db.spent(&asked).await.map_err(|e| Error::Unavailable {
-        message: "the usage ledger cannot be read to check this key's budget".into(),
-        detail: e.to_string(),
-    })?;
+    let spent = db.spent(&asked).await.map_err(ledger_error)?;
     for (spent, (budget, period, label, whose, name)) in spent.into_iter().zip(budgets) {
         if spent >= budget {
             let secs = ((period.end(now) - now) / 1000).max(1) as u64;
@@ -503,6 +513,25 @@ async fn check_limits(
         }
     }
     Ok(())
+}
+
+/// The ledger's database for reading, or why there is none.
+fn ledger_db(app: &App) -> Result<&crate::ledger::Db, Error> {
+    let reader = app.ledger.get().ok_or_else(|| Error::LedgerUnavailable {
+        message: "The usage ledger is off on this gateway.".into(),
+        detail: "ledger.url is `off` in fuke.yaml".into(),
+    })?;
+    reader.db().ok_or_else(|| Error::LedgerUnavailable {
+        message: "The usage ledger's database cannot be reached; retry shortly.".into(),
+        detail: "not connected yet".into(),
+    })
+}
+
+fn ledger_error(e: sqlx::Error) -> Error {
+    Error::LedgerUnavailable {
+        message: "The usage ledger's database cannot be read; retry shortly.".into(),
+        detail: e.to_string(),
+    }
 }
 
 /// `GET /v1/usage?from=&to=&tenant=&group_by=day|model|key&format=json|csv`: ledger totals.
@@ -578,22 +607,14 @@ async fn usage_report<B>(
     if from >= to {
         return Err(bad("from", "`from` must be before `to`".into()));
     }
-    let Some(db) = app.ledger.get() else {
-        return Err(Error::Unavailable {
-            message: "the usage ledger is off".into(),
-            detail: "ledger.url is `off` in fuke.yaml".into(),
-        });
-    };
+    let db = ledger_db(app)?;
     let q = report::Query {
         from_ms: from,
         to_ms: to,
         tenant,
         group_by,
     };
-    let rep = report::run(db, &q).await.map_err(|e| Error::Unavailable {
-        message: "the usage ledger cannot be read".into(),
-        detail: e.to_string(),
-    })?;
+    let rep = report::run(db, &q).await.map_err(ledger_error)?;
     let (bytes, ctype) = if csv {
         (report::csv(&rep).into_bytes(), "text/csv; charset=utf-8")
     } else {
@@ -623,12 +644,7 @@ async fn budgets(
             what: "/v1/usage/budgets".into(),
         });
     }
-    let Some(db) = app.ledger.get() else {
-        return Err(Error::Unavailable {
-            message: "the usage ledger is off".into(),
-            detail: "ledger.url is `off` in fuke.yaml".into(),
-        });
-    };
+    let db = ledger_db(app)?;
     #[derive(serde::Serialize)]
     struct Line {
         scope: &'static str,
@@ -670,10 +686,7 @@ async fn budgets(
             }
         }
     }
-    let spent = db.spent(&asked).await.map_err(|e| Error::Unavailable {
-        message: "the usage ledger cannot be read".into(),
-        detail: e.to_string(),
-    })?;
+    let spent = db.spent(&asked).await.map_err(ledger_error)?;
     for (line, spent) in lines.iter_mut().zip(spent) {
         line.spent_nanousd = spent;
         line.spent_usd = format_usd(spent);

@@ -67,6 +67,9 @@ pub enum Error {
     /// A model that cannot serve now (a local model that failed to load, or stopped).
     #[error("{message} ({detail})")]
     Unavailable { message: String, detail: String },
+    /// The usage ledger is off, or its database cannot be read (reports, budget checks).
+    #[error("{message} ({detail})")]
+    LedgerUnavailable { message: String, detail: String },
     /// Every candidate of a route refused the call (breaker open, at capacity).
     #[error("no backend of `{model}` is available")]
     NoBackend {
@@ -110,9 +113,10 @@ impl Error {
             | Error::UpstreamTimeout { .. }
             | Error::UpstreamProtocol { .. }
             | Error::NoBackend { .. } => ErrorSource::Upstream,
-            Error::Internal(_) | Error::ShuttingDown | Error::Unavailable { .. } => {
-                ErrorSource::Internal
-            }
+            Error::Internal(_)
+            | Error::ShuttingDown
+            | Error::Unavailable { .. }
+            | Error::LedgerUnavailable { .. } => ErrorSource::Internal,
             _ => ErrorSource::Client,
         }
     }
@@ -143,9 +147,10 @@ impl Error {
                 StatusCode::BAD_GATEWAY
             }
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Error::ShuttingDown | Error::Unavailable { .. } | Error::NoBackend { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::ShuttingDown
+            | Error::Unavailable { .. }
+            | Error::LedgerUnavailable { .. }
+            | Error::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -266,6 +271,9 @@ impl Error {
             Error::Unavailable { message, .. } => {
                 (message, "server_error", None, Some("model_unavailable"))
             }
+            Error::LedgerUnavailable { message, .. } => {
+                (message, "server_error", None, Some("ledger_unavailable"))
+            }
             Error::NoBackend { model, .. } => {
                 owned = format!(
                     "Every backend of the model `{model}` is unavailable right now (circuit open or at capacity). Retry shortly."
@@ -309,6 +317,12 @@ impl Error {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Error::LimitExceeded { unit: "budget", .. } = &self {
+            // The OpenAI SDKs retry every 429 unless told not to; a spent budget does not come
+            // back in seconds.
+            resp.headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         if let Error::LimitExceeded {
             unit: unit @ ("requests" | "tokens"),
             limit,

@@ -16,6 +16,8 @@ use redis::aio::ConnectionManager;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long the in-process limits stand in after Redis failed, before it is tried again.
+const REDIS_PAUSE: Duration = Duration::from_secs(5);
 
 /// What a limit counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,12 +63,13 @@ pub struct RedisLimits {
 }
 
 /// One GCRA step, atomic in Redis, on Redis's clock (replicas' clocks may differ).
-/// ARGV: interval µs per unit, tolerance µs, units to add, 1 to refuse when over tolerance.
-/// Returns 0 when admitted, else the µs to wait.
+/// ARGV: units per minute, tolerance µs, units to add, 1 to refuse when over tolerance.
+/// Returns 0 when admitted, else the µs to wait. The interval is a fraction of a µs for limits
+/// above 60 M per minute (Lua numbers are doubles); the schedule is kept in whole µs.
 const GCRA_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
+local interval = 60000000 / tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -74,7 +77,7 @@ if tat < now then tat = now end
 if ARGV[4] == '1' and tat - now > tolerance then
   return math.floor(tat - now - tolerance) + 1
 end
-local new = tat + interval * cost
+local new = math.floor(tat + interval * cost + 0.5)
 if new > now then
   redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.floor((new - now) / 1000) + 1000)
 end
@@ -85,6 +88,9 @@ struct Shared {
     prefix: String,
     conn: Arc<ArcSwapOption<ConnectionManager>>,
     healthy: Arc<AtomicBool>,
+    /// After a failure, Redis is left alone until then (requests do not each wait out a
+    /// timeout while it is down).
+    pause_until: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -140,6 +146,7 @@ impl RateLimiter {
                 prefix: cfg.prefix.clone(),
                 conn,
                 healthy,
+                pause_until: Mutex::new(None),
             }),
         })
     }
@@ -219,14 +226,22 @@ impl RateLimiter {
         check: bool,
     ) -> Option<Result<(), RetryAfter>> {
         let shared = self.shared.as_ref()?;
+        {
+            let mut pause = shared.pause_until.lock().unwrap_or_else(|e| e.into_inner());
+            match *pause {
+                Some(until) if Instant::now() < until => return None,
+                Some(_) => *pause = None,
+                None => {}
+            }
+        }
         let mut conn = ConnectionManager::clone(shared.conn.load().as_deref()?);
-        let (interval, tolerance) = params(unit, per_minute);
+        let (_, tolerance) = params(unit, per_minute);
         let key = format!("{}{}:{scope}", shared.prefix, unit.as_str());
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(GCRA_LUA)
             .arg(1)
             .arg(key)
-            .arg(interval.as_micros() as u64)
+            .arg(per_minute.max(1))
             .arg(tolerance.as_micros() as u64)
             .arg(cost)
             .arg(if check { "1" } else { "0" });
@@ -245,6 +260,8 @@ impl RateLimiter {
                 })
             }
             Err(e) => {
+                *shared.pause_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Instant::now() + REDIS_PAUSE);
                 if shared.healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "limits: Redis failed; limits are per replica until it answers");
                 }

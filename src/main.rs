@@ -357,7 +357,7 @@ fn usage_command(
     anyhow::ensure!(from < to, "--from must be before --to");
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let db = fuke::ledger::Db::connect(&cfg.url)
+        let db = fuke::ledger::Db::open(&cfg.url, fuke::ledger::Role::ReadOnly)
             .await
             .with_context(|| format!("opening the usage ledger {}", redact_url(&cfg.url)))?;
         let q = report::Query {
@@ -447,8 +447,11 @@ async fn serve_async(
                 .await
                 .with_context(|| format!("opening the usage ledger {}", redact_url(&cfg.url)))?;
             tracing::info!(ledger = %redact_url(&cfg.url), "usage ledger open");
-            let db = ledger.db().clone();
-            (Arc::new(Tee(vec![log_sink, Arc::new(ledger)])), Some(db))
+            let reader = ledger.reader();
+            (
+                Arc::new(Tee(vec![log_sink, Arc::new(ledger)])),
+                Some(reader),
+            )
         }
         None => {
             tracing::warn!("usage ledger off (ledger.url: off): usage goes to log lines only");

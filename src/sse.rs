@@ -38,6 +38,8 @@ pub struct SseScanner {
 /// What one complete event is, as far as the gateway cares.
 enum EventKind {
     Plain,
+    /// A comment or keep-alive (`: ping`): passed on, not output.
+    Comment,
     UsageOnly,
     Done,
 }
@@ -125,6 +127,7 @@ impl SseScanner {
             let event = &data[event_start..line_start];
             match self.classify(event) {
                 EventKind::Plain => self.events += 1,
+                EventKind::Comment => {}
                 EventKind::UsageOnly if self.strip_usage_chunk => {
                     if event_start > run_start {
                         out.extend([data.slice(run_start..event_start)]);
@@ -167,6 +170,9 @@ impl SseScanner {
         let payload = data_payload(event);
         if payload.trim_ascii() == b"[DONE]" {
             return EventKind::Done;
+        }
+        if payload.is_empty() {
+            return EventKind::Comment;
         }
         if crate::openai::find_usage_object(payload).is_none() {
             if self.events == 0 && is_role_only(payload) {
@@ -309,6 +315,13 @@ mod tests {
         // Only the first event is looked at.
         let (_, _, sc) = run(&[format!("{C1}{role}").as_bytes()], true);
         assert_eq!(sc.output_events(), 2);
+        // Comments and keep-alives pass through and are not output.
+        let (bytes, _, sc) = run(&[format!(": ping\n\n{C1}: ping\n\n").as_bytes()], true);
+        assert_eq!(sc.output_events(), 1);
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            format!(": ping\n\n{C1}: ping\n\n")
+        );
     }
 
     #[test]

@@ -187,7 +187,7 @@ async fn suite(url: String) {
         spool: dir.path().join("spool.jsonl"),
     };
     let ledger = Ledger::open(&cfg).await.unwrap();
-    let db = ledger.db().clone();
+    let db = ledger.reader().db().unwrap().clone();
 
     // 60 requests finish at once: every one is stored, and they share transactions.
     let mut events = Vec::new();
@@ -293,12 +293,16 @@ async fn suite(url: String) {
     drop(ledger);
     db.pool.close().await;
     let reopened = Ledger::open(&cfg).await.unwrap();
-    assert_eq!(count(reopened.db()).await, 63);
+    assert_eq!(count(reopened.reader().db().unwrap()).await, 63);
     assert_eq!(std::fs::metadata(&cfg.spool).unwrap().len(), 0);
     drop(reopened);
     let third = Ledger::open(&cfg).await.unwrap();
-    assert_eq!(count(third.db()).await, 63, "a replay never duplicates");
-    third.db().pool.close().await;
+    assert_eq!(
+        count(third.reader().db().unwrap()).await,
+        63,
+        "a replay never duplicates"
+    );
+    third.reader().db().unwrap().pool.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,7 +406,7 @@ async fn gateway_commits_before_the_last_byte_and_reports_match_metrics() {
         },
     )
     .await;
-    let db = gw.app.ledger.get().unwrap().clone();
+    let db = gw.app.ledger.get().unwrap().db().unwrap().clone();
     let c = client();
     let row_of = |id: String| {
         let db = db.clone();
@@ -746,6 +750,10 @@ async fn token_limits_key_limits_and_budgets_refuse_with_openai_429s() {
     let e = r.openai_error();
     assert_eq!(e["type"], "insufficient_quota");
     assert_eq!(e["code"], "insufficient_quota");
+    assert_eq!(
+        r.headers["x-should-retry"], "false",
+        "SDKs must not retry a spent budget"
+    );
     let msg = e["message"].as_str().unwrap();
     assert!(
         msg.contains("daily budget of tenant budgeted ($0.000100000)"),
@@ -1025,7 +1033,7 @@ async fn streams_cut_short_are_billed_for_the_chunks_delivered() {
         },
     )
     .await;
-    let db = gw.app.ledger.get().unwrap().clone();
+    let db = gw.app.ledger.get().unwrap().db().unwrap().clone();
     let row = |id: String| {
         let db = db.clone();
         async move {
@@ -1090,4 +1098,71 @@ async fn streams_cut_short_are_billed_for_the_chunks_delivered() {
             Some(2 * 3000)
         ))
     );
+}
+
+/// A PostgreSQL that cannot be reached does not stop the gateway: rows go to the spool at
+/// once (requests are not held), and a later start on a reachable database replays them. A
+/// spool line cut short by a crash, even mid-character, costs only that line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_spools_and_a_torn_spool_replays_what_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool.jsonl");
+    let down = LedgerConfig {
+        url: "postgres://postgres@127.0.0.1:1/nowhere".into(),
+        spool: spool.clone(),
+    };
+    let ledger = Ledger::open(&down)
+        .await
+        .expect("starts without its database");
+    assert!(ledger.reader().db().is_none());
+    let started = std::time::Instant::now();
+    let events: Vec<UsageEvent> = (0..3)
+        .map(|i| event(200 + i, "acme", "echo-model", Some(usage(3, 4, 0))))
+        .collect();
+    let futs: Vec<_> = events.iter().cloned().map(|e| ledger.record(e)).collect();
+    futures_util::future::join_all(futs).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        ledger
+            .stats
+            .spooled
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    drop(ledger);
+
+    // A crash cut the last write short in the middle of a multi-byte character.
+    let mut torn = std::fs::read(&spool).unwrap();
+    torn.extend_from_slice("{\"id\":\"x\",\"tenant\":\"é".as_bytes());
+    torn.pop();
+    std::fs::write(&spool, &torn).unwrap();
+
+    let pg = PgDb::create().await;
+    let up = LedgerConfig {
+        url: pg.url.clone(),
+        spool: spool.clone(),
+    };
+    let ledger = Ledger::open(&up).await.unwrap();
+    let db = ledger.reader().db().unwrap().clone();
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT request_id FROM usage_ledger ORDER BY request_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(ids, ["req-200", "req-201", "req-202"]);
+    assert_eq!(std::fs::metadata(&spool).unwrap().len(), 0);
+    // The running totals count the replayed rows.
+    let spent = db
+        .spent(&[(
+            "t:acme".to_string(),
+            fuke::ledger::Period::Day.of(fuke::ledger::now_ms()),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(spent, [3 * SMALL_COST]);
+    db.pool.close().await;
 }

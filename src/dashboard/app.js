@@ -48,7 +48,7 @@ function legend(tenants, colors) {
   for (const t of tenants) {
     const s = document.createElement("span");
     const i = document.createElement("i");
-    i.style.background = colors[t];
+    i.style.background = colors(t);
     s.append(i, t);
     d.append(s);
   }
@@ -88,7 +88,7 @@ function columns(target, days, tenants, colors, valueOf, label, kind) {
       if (!v) continue;
       const h = ((H - bottom - 16) * v) / max;
       y -= h;
-      s.append(el("rect", { x, y: y.toFixed(2), width: bw, height: h.toFixed(2), fill: colors[t],
+      s.append(el("rect", { x, y: y.toFixed(2), width: bw, height: h.toFixed(2), fill: colors(t),
         "data-kind": kind, "data-name": t, "data-day": d, "data-value": v }));
     }
     if (days.length <= 16 || i % Math.ceil(days.length / 8) === 0) {
@@ -110,7 +110,8 @@ async function load() {
   ]);
   $("#range").textContent = `${byTenant.from.slice(0, 10)} – ${byTenant.to.slice(0, 10)} (UTC)`;
   const tenants = byTenant.data.map((l) => l.tenant).sort();
-  const colors = Object.fromEntries(tenants.map((t, i) => [t, PALETTE[i % PALETTE.length]]));
+  const palette = new Map(tenants.map((t, i) => [t, PALETTE[i % PALETTE.length]]));
+  const colors = (t) => palette.get(t);
 
   const t = byTenant.total;
   const totals = $("#totals");
@@ -131,7 +132,7 @@ async function load() {
 
   hbars($("#spend-tenant"),
     byTenant.data.map((l) => ({ name: l.tenant, value: l.cost_nanousd, cost: l.cost_usd, tokens: l.total_tokens })),
-    (r) => colors[r.name],
+    (r) => colors(r.name),
     (r) => `$${r.cost}  ·  ${fmt(r.tokens)} tokens`, "tenant-spend");
 
   // Every day of the range, so gaps show as gaps.
@@ -139,22 +140,23 @@ async function load() {
   for (let t = Date.parse(byDay.from.slice(0, 10)); t < Date.parse(byDay.to); t += 86400000) {
     days.push(new Date(t).toISOString().slice(0, 10));
   }
-  const cell = {};
-  for (const l of byDay.data) cell[l.group + "|" + l.tenant] = l;
+  const cell = new Map();
+  for (const l of byDay.data) cell.set(l.group + "|" + l.tenant, l);
   columns($("#spend-day"), days, tenants, colors,
-    (d, t) => (cell[d + "|" + t] ? cell[d + "|" + t].cost_nanousd : 0),
+    (d, t) => (cell.has(d + "|" + t) ? cell.get(d + "|" + t).cost_nanousd : 0),
     (max) => usd(max / 1e9), "day-spend");
   columns($("#tokens-day"), days, tenants, colors,
-    (d, t) => (cell[d + "|" + t] ? cell[d + "|" + t].total_tokens : 0),
+    (d, t) => (cell.has(d + "|" + t) ? cell.get(d + "|" + t).total_tokens : 0),
     (max) => fmt(max) + " tok", "day-tokens");
 
-  const models = {};
+  const models = new Map();
   for (const l of byModel.data) {
-    const m = models[l.group] || (models[l.group] = { name: l.group, value: 0, tokens: 0 });
+    if (!models.has(l.group)) models.set(l.group, { name: l.group, value: 0, tokens: 0 });
+    const m = models.get(l.group);
     m.value += l.cost_nanousd;
     m.tokens += l.total_tokens;
   }
-  const top = Object.values(models).sort((a, b) => b.value - a.value).slice(0, 8);
+  const top = [...models.values()].sort((a, b) => b.value - a.value).slice(0, 8);
   hbars($("#top-models"), top, () => "#6b7280",
     (r) => `${usd(r.value / 1e9)}  ·  ${fmt(r.tokens)} tokens`, "model-spend");
 

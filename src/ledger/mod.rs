@@ -32,6 +32,16 @@ use crate::metering::{UsageEvent, UsageSink};
 /// under SQLite's 32,766 bound parameters).
 const MAX_BATCH: usize = 400;
 
+/// Rows per INSERT statement, and the most bytes of values one carries. A transaction holds as
+/// many statements as its batch needs. sqlx does not set TCP_NODELAY, and a statement much
+/// larger than this (measured: 62 rows, about 20 KB) waited 40–90 ms on PostgreSQL for a
+/// delayed ACK; chunks of 32 rows never did (BENCHMARKS.md, "Usage ledger").
+const MAX_ROWS_PER_INSERT: usize = 32;
+const MAX_BYTES_PER_INSERT: usize = 8 << 10;
+
+/// The longest a commit may hold the requests waiting on it before they are spooled instead.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How often a non-empty spool is tried against the database again.
 const SPOOL_RETRY: Duration = Duration::from_secs(5);
 
@@ -149,16 +159,41 @@ pub struct Row {
     pub rules: Option<String>,
 }
 
+/// Most tokens one row records, and most nano-USD ($1M) one row costs: an upstream that
+/// reports absurd usage cannot make sums overflow (which would fail every report and budget
+/// check over that row, and the batch holding it).
+const MAX_TOKENS: i64 = 1_000_000_000_000;
+const MAX_COST: i64 = 1_000_000_000_000_000;
+
 fn int(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
+    i64::try_from(n).unwrap_or(i64::MAX).min(MAX_TOKENS)
 }
 
 impl Row {
+    /// About how many bytes its values take in a Bind message.
+    fn approx_bytes(&self) -> usize {
+        let text = self.id.len()
+            + self.request_id.len()
+            + self.tenant.len()
+            + self.key_id.len()
+            + self.endpoint.len()
+            + self.model.len()
+            + self.served_model.len()
+            + self.backend.len()
+            + self.usage_source.len()
+            + self.cache.len()
+            + self.fallback.as_ref().map_or(0, String::len)
+            + self.outcome.len()
+            + self.price_version.as_ref().map_or(0, String::len)
+            + self.rules.as_ref().map_or(0, String::len);
+        text + COLUMNS.len() * 4 + 14 * 8
+    }
+
     /// The row of one usage event; `id` is minted here, once per event.
     pub fn of(ev: &UsageEvent) -> Row {
         let (usage, source) = ev.billed();
         let (cost, version) = match ev.cost() {
-            Some((c, v)) => (Some(c), Some(v.to_string())),
+            Some((c, v)) => (Some(c.clamp(0, MAX_COST)), Some(v.to_string())),
             None => (None, None),
         };
         let random: [u8; 16] = rand::random();
@@ -246,7 +281,7 @@ pub struct LedgerStats {
     pub committed: AtomicU64,
     /// Transactions committed.
     pub batches: AtomicU64,
-    /// Rows written to the spool because the database refused them.
+    /// Rows written to the spool because the database refused them or was down.
     pub spooled: AtomicU64,
     /// Rows that neither the database nor the spool would take (logged in full).
     pub lost: AtomicU64,
@@ -257,13 +292,6 @@ struct Job {
     done: oneshot::Sender<()>,
 }
 
-/// The durable usage sink (see the module docs).
-pub struct Ledger {
-    db: Db,
-    queue: mpsc::UnboundedSender<Job>,
-    pub stats: Arc<LedgerStats>,
-}
-
 /// A connection pool and what it talks to.
 #[derive(Clone)]
 pub struct Db {
@@ -271,9 +299,26 @@ pub struct Db {
     pub kind: Kind,
 }
 
+/// What a pool is for: the writer's one connection, or the readers' (reports, budgets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// One connection, migrations applied, short waits: a stuck database must send rows to
+    /// the spool quickly, not hold every response.
+    Writer,
+    /// A few connections for reports and budget checks, which never take the writer's.
+    Reader,
+    /// Reading only (`fuke usage`): SQLite opened read-only, no migrations, nothing created.
+    ReadOnly,
+}
+
 impl Db {
-    /// Connects (creating a SQLite file and its directory if needed) and applies migrations.
+    /// Connects as the writer: creates a SQLite file and its directory if needed, and applies
+    /// migrations.
     pub async fn connect(url: &str) -> anyhow::Result<Db> {
+        Db::open(url, Role::Writer).await
+    }
+
+    pub async fn open(url: &str, role: Role) -> anyhow::Result<Db> {
         let kind = Kind::of_url(url).ok_or_else(|| {
             anyhow::anyhow!("ledger url must start with sqlite:// or postgres://")
         })?;
@@ -283,28 +328,52 @@ impl Db {
             let path = url
                 .trim_start_matches("sqlite://")
                 .trim_start_matches("sqlite:");
-            let path = path.split('?').next().unwrap_or_default();
-            if let Some(dir) = Path::new(path)
+            let path = path.split('?').next().unwrap_or_default().to_string();
+            if role == Role::ReadOnly {
+                anyhow::ensure!(Path::new(&path).exists(), "no ledger at {path}");
+            } else if let Some(dir) = Path::new(&path)
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
             {
                 std::fs::create_dir_all(dir)?;
             }
             if !url.contains('?') {
-                url.push_str("?mode=rwc");
+                url.push_str(if role == Role::ReadOnly {
+                    "?mode=ro"
+                } else {
+                    "?mode=rwc"
+                });
             }
         }
+        let (max, wait) = match role {
+            Role::Writer => (1, Duration::from_secs(2)),
+            Role::Reader | Role::ReadOnly => (4, Duration::from_secs(5)),
+        };
         let pool = AnyPoolOptions::new()
-            .max_connections(if kind == Kind::Sqlite { 4 } else { 8 })
-            .acquire_timeout(Duration::from_secs(10))
+            .max_connections(max)
+            .acquire_timeout(wait)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
-                    if kind == Kind::Sqlite {
-                        // WAL: readers never block the writer. FULL: a commit survives power
-                        // loss, not only a killed process; group commit pays for the fsync.
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = FULL").await?;
-                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    match kind {
+                        Kind::Sqlite => {
+                            // WAL: readers never block the writer. FULL: a commit survives
+                            // power loss, not only a killed process; group commit pays for
+                            // the fsync.
+                            if role != Role::ReadOnly {
+                                conn.execute("PRAGMA journal_mode = WAL").await?;
+                                conn.execute("PRAGMA synchronous = FULL").await?;
+                            }
+                            conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        }
+                        // A statement stuck on a lock or a slow disk ends in an error (the
+                        // rows are spooled); it never holds responses indefinitely.
+                        Kind::Postgres if role == Role::Writer => {
+                            conn.execute("SET statement_timeout = 10000").await?;
+                            conn.execute("SET lock_timeout = 5000").await?;
+                        }
+                        Kind::Postgres => {
+                            conn.execute("SET statement_timeout = 30000").await?;
+                        }
                     }
                     Ok(())
                 })
@@ -312,7 +381,9 @@ impl Db {
             .connect(&url)
             .await?;
         let db = Db { pool, kind };
-        db.migrate().await?;
+        if role == Role::Writer {
+            db.migrate().await?;
+        }
         Ok(db)
     }
 
@@ -351,7 +422,7 @@ impl Db {
     pub async fn insert(&self, rows: &[&Row]) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let mut totals: HashMap<(String, String), (i64, i64)> = HashMap::new();
-        for chunk in rows.chunks(MAX_BATCH) {
+        for chunk in insert_chunks(rows) {
             let mut sql = String::with_capacity(128 + chunk.len() * 160);
             sql.push_str("INSERT INTO usage_ledger (");
             sql.push_str(&COLUMNS.join(", "));
@@ -376,9 +447,9 @@ impl Db {
             sql.push_str(
                 " ON CONFLICT (id) DO NOTHING RETURNING tenant, key_id, ts_ms, cost_nanousd",
             );
-            // Column names and placeholders only; every value is bound. Not kept prepared: the
-            // text varies with the batch size.
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).persistent(false);
+            // Column names and placeholders only; every value is bound. Kept prepared (one
+            // statement per chunk size, at most MAX_ROWS_PER_INSERT of them).
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
             for r in chunk {
                 q = q
                     .bind(r.id.as_str())
@@ -444,7 +515,7 @@ impl Db {
                      cost_nanousd = usage_totals.cost_nanousd + excluded.cost_nanousd, \
                      requests = usage_totals.requests + excluded.requests",
                 );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).persistent(false);
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
                 for ((scope, period), (cost, n)) in chunk {
                     q = q
                         .bind(scope.as_str())
@@ -460,30 +531,35 @@ impl Db {
 
     /// Nano-USD spent in each `(scope, period)` asked for (0 where nothing was recorded).
     pub async fn spent(&self, keys: &[(String, String)]) -> Result<Vec<i64>, sqlx::Error> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut sql = String::from("SELECT scope, period, cost_nanousd FROM usage_totals WHERE ");
-        for i in 0..keys.len() {
-            if i > 0 {
-                sql.push_str(" OR ");
-            }
-            sql.push_str(&format!(
-                "(scope = ${} AND period = ${})",
-                2 * i + 1,
-                2 * i + 2
-            ));
-        }
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
-        for (s, p) in keys {
-            q = q.bind(s.as_str()).bind(p.as_str());
-        }
-        let rows = q.fetch_all(&self.pool).await?;
         let mut out = vec![0; keys.len()];
-        for r in rows {
-            let (s, p, c): (String, String, i64) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-            if let Some(i) = keys.iter().position(|k| k.0 == s && k.1 == p) {
-                out[i] = c;
+        let mut index: HashMap<(&str, &str), usize> = HashMap::with_capacity(keys.len());
+        for (i, (s, p)) in keys.iter().enumerate() {
+            index.insert((s.as_str(), p.as_str()), i);
+        }
+        // 100 pairs (200 parameters) per query: far below every bound-parameter limit.
+        for chunk in keys.chunks(100) {
+            let mut sql =
+                String::from("SELECT scope, period, cost_nanousd FROM usage_totals WHERE ");
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push_str(" OR ");
+                }
+                sql.push_str(&format!(
+                    "(scope = ${} AND period = ${})",
+                    2 * i + 1,
+                    2 * i + 2
+                ));
+            }
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+            for (s, p) in chunk {
+                q = q.bind(s.as_str()).bind(p.as_str());
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                let (s, p, c): (String, String, i64) =
+                    (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+                if let Some(&i) = index.get(&(s.as_str(), p.as_str())) {
+                    out[i] = c;
+                }
             }
         }
         Ok(out)
@@ -533,27 +609,123 @@ impl Period {
     }
 }
 
+/// Splits rows into INSERT statements of at most [`MAX_ROWS_PER_INSERT`] rows and about
+/// [`MAX_BYTES_PER_INSERT`] bytes of values.
+fn insert_chunks<'a, 'r>(rows: &'a [&'r Row]) -> impl Iterator<Item = &'a [&'r Row]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len() && n < MAX_ROWS_PER_INSERT {
+            bytes += rest[n].approx_bytes();
+            if n > 0 && bytes > MAX_BYTES_PER_INSERT {
+                break;
+            }
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-impl Ledger {
-    /// Connects, migrates, replays a spool left by an earlier run, and starts the writer.
-    pub async fn open(cfg: &LedgerConfig) -> anyhow::Result<Ledger> {
-        let db = Db::connect(&cfg.url).await?;
-        let stats = Arc::new(LedgerStats::default());
-        let mut spool = Spool::new(cfg.spool.clone());
-        spool.replay(&db, &stats).await;
-        let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(db.clone(), rx, spool, stats.clone()));
-        Ok(Ledger { db, queue, stats })
+/// The ledger's database for reports and budget checks; empty while it has not been reached.
+#[derive(Clone, Default)]
+pub struct Reader(Arc<std::sync::OnceLock<Db>>);
+
+impl Reader {
+    pub fn db(&self) -> Option<&Db> {
+        self.0.get()
     }
 
-    pub fn db(&self) -> &Db {
-        &self.db
+    /// A reader already connected (tests, tools).
+    pub fn of(db: Db) -> Reader {
+        let r = Reader::default();
+        let _ = r.0.set(db);
+        r
     }
+}
+
+/// The durable usage sink (see the module docs).
+pub struct Ledger {
+    reader: Reader,
+    queue: mpsc::UnboundedSender<Job>,
+    pub stats: Arc<LedgerStats>,
+}
+
+impl Ledger {
+    /// Connects, migrates, replays a spool left by an earlier run, and starts the writer. A
+    /// PostgreSQL that cannot be reached does not stop the start: rows are spooled until it
+    /// answers. A SQLite file that cannot be opened does (that is a local configuration error).
+    pub async fn open(cfg: &LedgerConfig) -> anyhow::Result<Ledger> {
+        let kind = Kind::of_url(&cfg.url).ok_or_else(|| {
+            anyhow::anyhow!("ledger url must start with sqlite:// or postgres://")
+        })?;
+        let stats = Arc::new(LedgerStats::default());
+        let reader = Reader::default();
+        let mut spool = Spool::new(cfg.spool.clone());
+        let db = match connect_both(&cfg.url, &reader).await {
+            Ok(db) => {
+                spool.replay(&db, &stats).await;
+                Some(db)
+            }
+            Err(e) if kind == Kind::Sqlite => return Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, "usage ledger database unreachable; rows are spooled until it answers");
+                None
+            }
+        };
+        // Without its database the writer spools; a task keeps trying to reach it and hands
+        // the connection over, so no request waits on a connection attempt.
+        let (found, db_later) = oneshot::channel();
+        if db.is_none() {
+            let (url, reader) = (cfg.url.clone(), reader.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(SPOOL_RETRY).await;
+                    match connect_both(&url, &reader).await {
+                        Ok(d) => {
+                            tracing::info!("usage ledger database reached");
+                            let _ = found.send(d);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "usage ledger database still unreachable")
+                        }
+                    }
+                }
+            });
+        }
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer(db, db_later, rx, spool, stats.clone()));
+        Ok(Ledger {
+            reader,
+            queue,
+            stats,
+        })
+    }
+
+    /// Reports and budgets read through this.
+    pub fn reader(&self) -> Reader {
+        self.reader.clone()
+    }
+}
+
+/// The writer's pool (migrated), then the readers' pool, published to `reader`.
+async fn connect_both(url: &str, reader: &Reader) -> anyhow::Result<Db> {
+    let writer = Db::open(url, Role::Writer).await?;
+    let readers = Db::open(url, Role::Reader).await?;
+    let _ = reader.0.set(readers);
+    Ok(writer)
 }
 
 impl UsageSink for Ledger {
@@ -590,23 +762,36 @@ fn lost(row: &Row, why: &str) {
     );
 }
 
+/// Commits queued rows, a batch per transaction. While the spool holds rows (the database
+/// failed) or the database has not been reached, new rows go straight to the spool, and the
+/// database is tried again every [`SPOOL_RETRY`]: a failing database costs each request one
+/// fsync, not a timeout.
 async fn writer(
-    db: Db,
+    mut db: Option<Db>,
+    mut db_later: oneshot::Receiver<Db>,
     mut rx: mpsc::UnboundedReceiver<Job>,
     mut spool: Spool,
     stats: Arc<LedgerStats>,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     loop {
-        let got = if spool.pending {
+        let got = if spool.pending || db.is_none() {
             tokio::time::timeout(SPOOL_RETRY, rx.recv_many(&mut jobs, MAX_BATCH))
                 .await
                 .ok()
         } else {
             Some(rx.recv_many(&mut jobs, MAX_BATCH).await)
         };
-        if spool.pending && spool.due() {
-            spool.replay(&db, &stats).await;
+        if db.is_none()
+            && let Ok(d) = db_later.try_recv()
+        {
+            db = Some(d);
+        }
+        if let Some(d) = &db
+            && spool.pending
+            && spool.due()
+        {
+            spool.replay(d, &stats).await;
         }
         match got {
             Some(0) => return,
@@ -614,26 +799,43 @@ async fn writer(
             Some(_) => {}
         }
         let rows: Vec<&Row> = jobs.iter().map(|j| &j.row).collect();
-        match db.insert(&rows).await {
-            Ok(()) => {
-                stats
-                    .committed
-                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
-                stats.batches.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, rows = rows.len(), "usage ledger commit failed; spooling");
-                match spool.append(&rows) {
-                    Ok(()) => {
-                        stats
-                            .spooled
-                            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        let committed = match &db {
+            // Bounded: a database that hangs sends the batch to the spool (if it commits
+            // after all, the replay finds the ids there and inserts nothing twice).
+            Some(d) if !spool.pending => {
+                match tokio::time::timeout(COMMIT_TIMEOUT, d.insert(&rows)).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, rows = rows.len(), "usage ledger commit failed; spooling");
+                        false
                     }
-                    Err(e) => {
-                        stats.lost.fetch_add(rows.len() as u64, Ordering::Relaxed);
-                        for r in &rows {
-                            lost(r, &format!("spool write failed: {e}"));
-                        }
+                    Err(_) => {
+                        tracing::error!(
+                            rows = rows.len(),
+                            "usage ledger commit timed out; spooling"
+                        );
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        if committed {
+            stats
+                .committed
+                .fetch_add(rows.len() as u64, Ordering::Relaxed);
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+        } else {
+            match spool.append(&rows) {
+                Ok(()) => {
+                    stats
+                        .spooled
+                        .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    stats.lost.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                    for r in &rows {
+                        lost(r, &format!("spool write failed: {e}"));
                     }
                 }
             }
@@ -666,10 +868,19 @@ impl Spool {
     }
 
     fn append(&mut self, rows: &[&Row]) -> std::io::Result<()> {
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(Path::to_path_buf);
+        if let Some(dir) = &dir {
             std::fs::create_dir_all(dir)?;
         }
-        let mut buf = Vec::with_capacity(rows.len() * 512);
+        let created = !self.path.exists();
+        // Each batch starts on a new line: a line a crash cut short stays alone (and is
+        // skipped), it never swallows the next row.
+        let mut buf = Vec::with_capacity(1 + rows.len() * 512);
+        buf.push(b'\n');
         for r in rows {
             serde_json::to_writer(&mut buf, r)?;
             buf.push(b'\n');
@@ -680,64 +891,123 @@ impl Spool {
             .open(&self.path)?;
         f.write_all(&buf)?;
         f.sync_data()?;
+        if created && let Some(dir) = &dir {
+            // The new file's name must survive a crash too.
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        if !self.pending {
+            self.last_try = Some(std::time::Instant::now());
+        }
         self.pending = true;
-        self.last_try.get_or_insert_with(std::time::Instant::now);
         Ok(())
     }
 
-    /// Moves spooled rows into the database, then empties the spool. A crash between the two
-    /// replays them again next time, which inserts nothing twice (ids are unique).
+    /// Moves spooled rows into the database, [`MAX_BATCH`] rows per transaction. What is left
+    /// after a failure is rewritten as the new spool (a crash in between replays rows again,
+    /// which inserts nothing twice: ids are unique).
     async fn replay(&mut self, db: &Db, stats: &LedgerStats) {
         if !self.pending {
             return;
         }
         self.last_try = Some(std::time::Instant::now());
-        let rows = match read_spool(&self.path) {
-            Ok(rows) => rows,
+        // A database still down costs the writer a short probe, not a connection timeout.
+        if tokio::time::timeout(Duration::from_millis(300), db.pool.acquire())
+            .await
+            .map_or(true, |c| c.is_err())
+        {
+            return;
+        }
+        let f = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
             Err(e) => {
                 tracing::error!(error = %e, path = %self.path.display(), "cannot read the usage spool");
                 return;
             }
         };
-        let refs: Vec<&Row> = rows.iter().collect();
-        if let Err(e) = db.insert(&refs).await {
-            tracing::warn!(error = %e, rows = rows.len(), "usage spool not replayed yet");
-            return;
+        let mut lines = std::io::BufReader::new(f).split(b'\n');
+        let mut moved = 0u64;
+        loop {
+            let mut batch = Vec::with_capacity(MAX_BATCH);
+            let mut read_error = None;
+            while batch.len() < MAX_BATCH {
+                match lines.next() {
+                    None => break,
+                    Some(Err(e)) => {
+                        read_error = Some(e);
+                        break;
+                    }
+                    Some(Ok(line)) => {
+                        if line.iter().all(u8::is_ascii_whitespace) {
+                            continue;
+                        }
+                        match serde_json::from_slice::<Row>(&line) {
+                            Ok(r) => batch.push(r),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "skipping an unreadable usage spool line")
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(e) = read_error {
+                tracing::error!(error = %e, "cannot read the usage spool");
+                return;
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let refs: Vec<&Row> = batch.iter().collect();
+            let done = match tokio::time::timeout(COMMIT_TIMEOUT, db.insert(&refs)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            };
+            if let Err(e) = done {
+                tracing::warn!(error = %e, moved, "usage spool not fully replayed yet");
+                stats.committed.fetch_add(moved, Ordering::Relaxed);
+                // Keep this batch and everything after it.
+                let rest: Vec<Row> = lines
+                    .by_ref()
+                    .filter_map(Result::ok)
+                    .filter_map(|l| serde_json::from_slice::<Row>(&l).ok())
+                    .collect();
+                let keep: Vec<&Row> = batch.iter().chain(rest.iter()).collect();
+                if let Err(e) = self.rewrite(&keep) {
+                    tracing::error!(error = %e, "usage spool not rewritten; it will be replayed whole");
+                }
+                return;
+            }
+            moved += batch.len() as u64;
         }
-        let emptied = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.path)
-            .and_then(|f| {
-                f.set_len(0)?;
-                f.sync_all()
-            });
-        match emptied {
+        match self.rewrite(&[]) {
             Ok(()) => {
                 self.pending = false;
-                stats
-                    .committed
-                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
-                tracing::info!(rows = rows.len(), "usage spool replayed into the ledger");
+                stats.committed.fetch_add(moved, Ordering::Relaxed);
+                tracing::info!(rows = moved, "usage spool replayed into the ledger");
             }
             Err(e) => tracing::error!(error = %e, "usage spool replayed but not emptied"),
         }
     }
-}
 
-/// The spool's rows. A last line cut short by a crash is skipped: its requests were never
-/// released (the write had not returned), and any whole copy of a row is inserted only once.
-fn read_spool(path: &Path) -> std::io::Result<Vec<Row>> {
-    let f = std::fs::File::open(path)?;
-    let mut rows = Vec::new();
-    for line in std::io::BufReader::new(f).lines() {
-        let line = line?;
-        match serde_json::from_str::<Row>(&line) {
-            Ok(r) => rows.push(r),
-            Err(e) if !line.trim().is_empty() => {
-                tracing::warn!(error = %e, "skipping an unreadable usage spool line");
-            }
-            Err(_) => {}
+    /// Replaces the spool with `rows`, atomically (write, fsync, rename, fsync the directory).
+    fn rewrite(&self, rows: &[&Row]) -> std::io::Result<()> {
+        if rows.is_empty() {
+            let f = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+            f.set_len(0)?;
+            return f.sync_all();
         }
+        let tmp = self.path.with_extension("jsonl.tmp");
+        let mut buf = Vec::with_capacity(rows.len() * 512);
+        for r in rows {
+            serde_json::to_writer(&mut buf, r)?;
+            buf.push(b'\n');
+        }
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&buf)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
-    Ok(rows)
 }

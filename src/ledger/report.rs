@@ -140,15 +140,19 @@ pub async fn run(db: &Db, q: &Query) -> Result<Report, sqlx::Error> {
             cost_nanousd: cost,
             unpriced_requests: r.try_get(9)?,
         };
-        total.requests += line.requests;
-        total.prompt_tokens += line.prompt_tokens;
-        total.completion_tokens += line.completion_tokens;
-        total.cached_tokens += line.cached_tokens;
-        total.total_tokens += line.total_tokens;
-        total.cache_hits += line.cache_hits;
-        total.tokens_saved += line.tokens_saved;
+        total.requests = total.requests.saturating_add(line.requests);
+        total.prompt_tokens = total.prompt_tokens.saturating_add(line.prompt_tokens);
+        total.completion_tokens = total
+            .completion_tokens
+            .saturating_add(line.completion_tokens);
+        total.cached_tokens = total.cached_tokens.saturating_add(line.cached_tokens);
+        total.total_tokens = total.total_tokens.saturating_add(line.total_tokens);
+        total.cache_hits = total.cache_hits.saturating_add(line.cache_hits);
+        total.tokens_saved = total.tokens_saved.saturating_add(line.tokens_saved);
         total.cost_nanousd = total.cost_nanousd.saturating_add(line.cost_nanousd);
-        total.unpriced_requests += line.unpriced_requests;
+        total.unpriced_requests = total
+            .unpriced_requests
+            .saturating_add(line.unpriced_requests);
         data.push(line);
     }
     total.cost_usd = format_usd(total.cost_nanousd);
@@ -220,10 +224,16 @@ pub fn csv(r: &Report) -> String {
 }
 
 fn csv_field(s: &str) -> String {
+    // A name a spreadsheet would run as a formula is shown as text.
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) && s.parse::<f64>().is_err() {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
     if s.contains([',', '"', '\r', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s
     }
 }
 
@@ -357,15 +367,35 @@ pub fn parse_time(s: &str, end: End) -> Result<i64, String> {
     if hh > 23 || mm > 59 || ss > 60 {
         return Err(bad());
     }
-    let offset = match &s[19..] {
-        "Z" | "z" => 0,
-        o if o.len() == 6 && matches!(&o[..1], "+" | "-") && &o[3..4] == ":" => {
-            let sign = if &o[..1] == "-" { -1 } else { 1 };
-            sign * (num(20..22)? * 3600 + num(23..25)? * 60)
+    // Fractional seconds (`.123`, as JavaScript's toISOString writes): milliseconds kept.
+    let mut at = 19;
+    let mut ms = 0;
+    if b.get(at) == Some(&b'.') {
+        let digits = b[at + 1..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        if digits == 0 {
+            return Err(bad());
+        }
+        for (i, c) in b[at + 1..at + 1 + digits.min(3)].iter().enumerate() {
+            ms += i64::from(c - b'0') * [100, 10, 1][i];
+        }
+        at += 1 + digits;
+    }
+    let o = &b[at..];
+    let offset = match o {
+        b"Z" | b"z" => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2]
+            if [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()) =>
+        {
+            let n = |a: &u8, b: &u8| i64::from(a - b'0') * 10 + i64::from(b - b'0');
+            let sign = if *sign == b'-' { -1 } else { 1 };
+            sign * (n(h1, h2) * 3600 + n(m1, m2) * 60)
         }
         _ => return Err(bad()),
     };
-    Ok((day * 86_400 + hh * 3600 + mm * 60 + ss - offset) * 1000)
+    Ok((day * 86_400 + hh * 3600 + mm * 60 + ss - offset) * 1000 + ms)
 }
 
 fn days_in_month(y: i64, m: u32) -> i64 {
@@ -388,6 +418,13 @@ mod tests {
         let t = parse_time("2026-11-27T10:20:30Z", End::From).unwrap();
         assert_eq!(format_time(t), "2026-11-27T10:20:30Z");
         assert_eq!(parse_time("2026-11-27T12:20:30+02:00", End::From), Ok(t));
+        assert_eq!(
+            parse_time("2026-11-27T10:20:30.250Z", End::From),
+            Ok(t + 250)
+        );
+        // Multi-byte text where an offset would be: an error, not a panic.
+        assert!(parse_time("2026-11-27T10:00:00€000", End::From).is_err());
+        assert!(parse_time("2026-11-27T10:00:00.Z", End::From).is_err());
         assert_eq!(parse_time("1764238830", End::From), Ok(1_764_238_830_000));
         assert_eq!(format_day(days_from_civil(2024, 2, 29)), "2024-02-29");
         assert_eq!(format_day(days_from_civil(2000, 12, 31)), "2000-12-31");

@@ -249,7 +249,7 @@ impl Gateway {
         let (usage_sink, ledger_db): (Arc<dyn UsageSink>, _) = match &opts.ledger {
             Some(cfg) => {
                 let ledger = fuke::ledger::Ledger::open(cfg).await.unwrap();
-                let db = ledger.db().clone();
+                let db = ledger.reader();
                 (
                     Arc::new(fuke::metering::Tee(vec![sink.clone(), Arc::new(ledger)])),
                     Some(db),
