@@ -3,7 +3,8 @@
 #  1. the ledger alone: rows/s committed at concurrency 1 (one transaction and fsync per row) and
 #     64 (group commit), SQLite (WAL, synchronous=FULL) and PostgreSQL;
 #  2. the gateway with the ledger off, on SQLite and on PostgreSQL, against the same upstream:
-#     wrk JSON and SSE at concurrency 64 (and 16), RPS and p99, and each ratio to "off".
+#     wrk JSON and SSE at concurrency 16 and 64, RPS and p99, and each ratio to "off"; once with
+#     an upstream that answers at once, once with a model that takes 50 ms (`wait-50`).
 #   benches/ledger.sh [seconds per run, default 10]
 # Needs wrk (apt-get install wrk) and the machine's PostgreSQL on 127.0.0.1:5432 (trust auth).
 set -euo pipefail
@@ -42,6 +43,7 @@ upstreams:
   echo: { base_url: "http://$UP/v1" }
 models:
   gpt-4o-mini: { upstream: echo }
+  wait-50: { upstream: echo }
 tenants:
   bench:
     models: ["*"]
@@ -50,6 +52,7 @@ tenants:
 pricing:
   models:
     gpt-4o-mini: { input: "0.15", output: "0.6" }
+    wait-50: { input: "0.15", output: "0.6" }
 YAML
 target/release/examples/echo_upstream "$UP" >/dev/null & pids+=($!)
 
@@ -71,11 +74,12 @@ for a in $UP ${ADDR[off]} ${ADDR[sqlite]} ${ADDR[postgres]}; do
   for _ in $(seq 100); do curl -s -o /dev/null "http://$a/" && break; sleep 0.1; done
 done
 
-for mode in json sse; do
-  stream=false; [ "$mode" = sse ] && stream=true
+for mode in json sse json50 sse50; do
+  stream=false; [ "${mode#sse}" != "$mode" ] && stream=true
+  model=gpt-4o-mini; [ "${mode%50}" != "$mode" ] && model=wait-50
   cat > "$work/$mode.lua" <<LUA
 wrk.method = "POST"
-wrk.body = '{"model":"gpt-4o-mini","stream":$stream,"messages":[{"role":"user","content":"Where is my order 12345? It was due yesterday."}]}'
+wrk.body = '{"model":"$model","stream":$stream,"messages":[{"role":"user","content":"Where is my order 12345? It was due yesterday."}]}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $key"
 LUA
@@ -94,7 +98,9 @@ run() {
 echo
 echo "== the gateway, ledger off / SQLite / PostgreSQL (same upstream, same run)"
 printf '%-5s %-5s %10s %10s %10s %9s %9s %9s %9s %9s\n' mode conc off_rps sqlite_rps pg_rps sqlite/off pg/off off_p99 sqlite_p99 pg_p99
-for mode in json sse; do
+# json/sse: an upstream that answers at once (the gateway's own cost dominates); json50/sse50:
+# a model that takes 50 ms, as real ones do (and more).
+for mode in json sse json50 sse50; do
   for c in 16 64; do
     read -r o_rps o_p99 < <(run "${ADDR[off]}" $mode $c)
     read -r s_rps s_p99 < <(run "${ADDR[sqlite]}" $mode $c)

@@ -196,9 +196,13 @@ impl Row {
             Some((c, v)) => (Some(c.clamp(0, MAX_COST)), Some(v.to_string())),
             None => (None, None),
         };
-        let random: [u8; 16] = rand::random();
+        // Time first, then 80 random bits: ids grow, so new rows land at the end of the key's
+        // index instead of at random places in it (measured: a third of the insert cost).
+        let mut id = [0u8; 16];
+        id[..6].copy_from_slice(&now_ms().to_be_bytes()[2..]);
+        id[6..].copy_from_slice(&rand::random::<[u8; 10]>());
         Row {
-            id: hex::encode(random),
+            id: hex::encode(id),
             request_id: ev.request_id.clone(),
             ts_ms: ev
                 .finished_at
@@ -418,6 +422,19 @@ impl Db {
         Ok(())
     }
 
+    /// The `n`th (1-based) bind parameter: `$n` for PostgreSQL, `?` for SQLite, where sqlx
+    /// looks up every named parameter by name (measured: a quarter of a batch's instructions
+    /// went to `sqlite3_bind_parameter_name` with `$n`).
+    fn placeholder(&self, sql: &mut String, n: usize) {
+        match self.kind {
+            Kind::Sqlite => sql.push('?'),
+            Kind::Postgres => {
+                sql.push('$');
+                sql.push_str(&n.to_string());
+            }
+        }
+    }
+
     /// Inserts rows in one transaction; an id already present is left as it is.
     pub async fn insert(&self, rows: &[&Row]) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
@@ -438,8 +455,7 @@ impl Db {
                         sql.push_str(", ");
                     }
                     n += 1;
-                    sql.push('$');
-                    sql.push_str(&n.to_string());
+                    self.placeholder(&mut sql, n);
                 }
                 sql.push(')');
             }
@@ -508,7 +524,14 @@ impl Db {
                         sql.push_str(", ");
                     }
                     let b = i * 4;
-                    sql.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
+                    sql.push('(');
+                    for k in 1..=4 {
+                        if k > 1 {
+                            sql.push_str(", ");
+                        }
+                        self.placeholder(&mut sql, b + k);
+                    }
+                    sql.push(')');
                 }
                 sql.push_str(
                     " ON CONFLICT (scope, period) DO UPDATE SET \
@@ -544,11 +567,11 @@ impl Db {
                 if i > 0 {
                     sql.push_str(" OR ");
                 }
-                sql.push_str(&format!(
-                    "(scope = ${} AND period = ${})",
-                    2 * i + 1,
-                    2 * i + 2
-                ));
+                sql.push_str("(scope = ");
+                self.placeholder(&mut sql, 2 * i + 1);
+                sql.push_str(" AND period = ");
+                self.placeholder(&mut sql, 2 * i + 2);
+                sql.push(')');
             }
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
             for (s, p) in chunk {

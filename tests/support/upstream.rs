@@ -11,6 +11,7 @@
 //! - `stall`: SSE, two chunks, then silence with the connection open
 //! - `fail-400`, `fail-500`, `fail-429`: OpenAI-shaped errors with those statuses
 //! - `delay`: SSE; a role-only chunk at once, the first word 2 s later (first-token deadlines)
+//! - `wait-N`: the echo, after N ms (a model's latency, for load runs)
 //! - a prompt word `cached` is reported as one cached prompt token (`prompt_tokens_details`)
 //! - `flaky`: a 500 while [`UpstreamState::failing`] is set, an echo otherwise
 //!
@@ -185,6 +186,13 @@ async fn handle(st: Arc<UpstreamState>, req: Request<Incoming>) -> Response<Body
         return error(StatusCode::BAD_REQUEST, "invalid_json");
     };
     let model = v["model"].as_str().unwrap_or("").to_string();
+    // `wait-N`: a model that thinks N ms before it answers (load runs with a model's latency).
+    if let Some(ms) = model
+        .strip_prefix("wait-")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
     match model.as_str() {
         "hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
