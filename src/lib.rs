@@ -6,7 +6,7 @@
 //! TLS accept (rustls) -> hyper (HTTP/1.1 + h2)                         server
 //!   -> request-id, catch-panic                                         app (tower layers)
 //!   -> auth: bearer key -> Principal under one pinned Arc<Policy>      auth, policy
-//!   -> policy: model allowed? rate limit                               app, limits
+//!   -> policy: model allowed? token/request limits, budgets            app, limits, ledger
 //!   -> body: size cap, parse only what we act on, rewrite model        proxy, openai
 //!   -> rules: caps, blocks, redaction, residency (tenant + alias sets)  rules
 //!   -> cache: exact, then semantic, in the tenant's scope --hit--> replay  cache, vectors
@@ -17,6 +17,7 @@
 //!   -> relay: JSON whole / SSE frames as they arrived; usage sniffed    relay, sse
 //!      (response rules: answers redacted, streams with a bounded hold-back)  rules::stream
 //!   -> metering: UsageEvent recorded before the last bytes go out       metering
+//!      (ledger row committed, group commit; spooled if the database fails)  ledger
 //! ```
 //!
 //! Modules:
@@ -37,8 +38,10 @@
 //! - [`vectors`] — exact vector search shared by the cache and the knowledge base.
 //! - [`kb`] — the knowledge base: chunking, incremental index, hybrid retrieval, injection.
 //! - [`embed`] — local embeddings (`/v1/embeddings` and the vectors cache and KB use).
-//! - [`limits`] — in-process rate limits.
+//! - [`limits`] — request and token rate limits per tenant and key (in process or Redis).
 //! - [`metering`] — usage events and sinks.
+//! - [`ledger`] — the durable usage ledger (SQLite/PostgreSQL), pricing, budgets' totals, reports.
+//! - [`dashboard`] — the embedded finance dashboard page.
 //! - [`telemetry`] — logging and Prometheus metrics.
 //! - [`trace`] — OpenTelemetry spans over OTLP.
 //! - [`tls`] — rustls server configs with certificate hot reload.
