@@ -46,6 +46,7 @@
 //! - [`trace`] — OpenTelemetry spans over OTLP.
 //! - [`tls`] — rustls server configs with certificate hot reload.
 //! - [`reload`] — file watching for hot reload.
+//! - [`redis_link`] — the background-connected Redis link the cache and limits share.
 //! - [`devcerts`] — development certificates.
 
 pub mod app;
@@ -65,6 +66,7 @@ pub mod metering;
 pub mod openai;
 pub mod policy;
 pub mod proxy;
+pub mod redis_link;
 pub mod relay;
 pub mod reload;
 pub mod routing;

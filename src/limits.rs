@@ -7,12 +7,10 @@
 //! by at most the requests it has in flight.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
-use redis::aio::ConnectionManager;
+use crate::redis_link::RedisLink;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
@@ -86,8 +84,7 @@ return 0
 
 struct Shared {
     prefix: String,
-    conn: Arc<ArcSwapOption<ConnectionManager>>,
-    healthy: Arc<AtomicBool>,
+    link: RedisLink,
     /// After a failure, Redis is left alone until then (requests do not each wait out a
     /// timeout while it is down).
     pause_until: Mutex<Option<Instant>>,
@@ -117,35 +114,17 @@ impl RateLimiter {
     /// Limits kept in Redis (shared by replicas). Until Redis answers, and whenever it fails,
     /// the in-process limits apply (a Redis outage never stops traffic; it is logged).
     pub fn with_redis(cfg: &RedisLimits) -> Result<RateLimiter, String> {
-        let client =
-            redis::Client::open(cfg.url.as_str()).map_err(|e| format!("limits.redis_url: {e}"))?;
-        let conn: Arc<ArcSwapOption<ConnectionManager>> = Arc::default();
-        let healthy = Arc::new(AtomicBool::new(true));
-        let (slot, health) = (conn.clone(), healthy.clone());
-        tokio::spawn(async move {
-            loop {
-                match ConnectionManager::new(client.clone()).await {
-                    Ok(c) => {
-                        slot.store(Some(Arc::new(c)));
-                        health.store(true, Ordering::Relaxed);
-                        tracing::info!("limits: shared in Redis");
-                        return;
-                    }
-                    Err(e) => {
-                        if health.swap(false, Ordering::Relaxed) {
-                            tracing::warn!(error = %e, "limits: Redis unreachable; limits are per replica until it answers");
-                        }
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
-                }
-            }
-        });
+        let link = RedisLink::start(
+            &cfg.url,
+            "limits",
+            "limits are per replica until it answers",
+        )
+        .map_err(|e| format!("limits.redis_url: {e}"))?;
         Ok(RateLimiter {
             tat: Mutex::default(),
             shared: Some(Shared {
                 prefix: cfg.prefix.clone(),
-                conn,
-                healthy,
+                link,
                 pause_until: Mutex::new(None),
             }),
         })
@@ -153,9 +132,7 @@ impl RateLimiter {
 
     /// Whether limits are shared through a connected Redis.
     pub fn shared(&self) -> bool {
-        self.shared
-            .as_ref()
-            .is_some_and(|s| s.conn.load().is_some())
+        self.shared.as_ref().is_some_and(|s| s.link.connected())
     }
 
     /// Admits one request of `scope`: counts it against a requests limit, or checks that a
@@ -234,7 +211,6 @@ impl RateLimiter {
                 None => {}
             }
         }
-        let mut conn = ConnectionManager::clone(shared.conn.load().as_deref()?);
         let (_, tolerance) = params(unit, per_minute);
         let key = format!("{}{}:{scope}", shared.prefix, unit.as_str());
         let mut cmd = redis::cmd("EVAL");
@@ -245,29 +221,20 @@ impl RateLimiter {
             .arg(tolerance.as_micros() as u64)
             .arg(cost)
             .arg(if check { "1" } else { "0" });
-        let got: Result<i64, String> =
-            tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async(&mut conn))
-                .await
-                .map_err(|_| "timed out".to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
-        match got {
-            Ok(wait_us) => {
-                shared.healthy.store(true, Ordering::Relaxed);
-                Some(if wait_us > 0 {
-                    Err(RetryAfter(Duration::from_micros(wait_us as u64)))
-                } else {
-                    Ok(())
-                })
-            }
-            Err(e) => {
-                *shared.pause_until.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(Instant::now() + REDIS_PAUSE);
-                if shared.healthy.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "limits: Redis failed; limits are per replica until it answers");
-                }
-                None
-            }
-        }
+        let Some(wait_us) = shared
+            .link
+            .query::<i64>(&cmd, REDIS_TIMEOUT, "limit check")
+            .await
+        else {
+            *shared.pause_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Instant::now() + REDIS_PAUSE);
+            return None;
+        };
+        Some(if wait_us > 0 {
+            Err(RetryAfter(Duration::from_micros(wait_us as u64)))
+        } else {
+            Ok(())
+        })
     }
 }
 
