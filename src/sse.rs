@@ -175,7 +175,8 @@ impl SseScanner {
             return EventKind::Comment;
         }
         if crate::openai::find_usage_object(payload).is_none() {
-            if self.events == 0 && is_role_only(payload) {
+            // The first event often only announces the role: not output.
+            if self.events == 0 && has_output(event) == Ok(false) {
                 self.preamble = 1;
             }
             return EventKind::Plain;
@@ -200,14 +201,44 @@ impl SseScanner {
     }
 }
 
-/// A chunk that announces the role with no output (`"delta":{"role":"assistant","content":""}`);
-/// only the first event is looked at.
-fn is_role_only(payload: &[u8]) -> bool {
-    let has = |needle: &[u8]| memchr::memmem::find(payload, needle).is_some();
-    has(b"\"role\"")
-        && (has(b"\"content\":\"\"") || !has(b"\"content\""))
-        && !has(b"\"tool_calls\"")
-        && !has(b"\"reasoning_content\":\"")
+/// Whether one SSE event carries output: content, a tool call, a refusal, reasoning, or a
+/// finish reason (not a role announcement, a comment or a keep-alive). An error event is an
+/// error. Parses the event: for the first few events of a stream only.
+pub fn has_output(event: &[u8]) -> Result<bool, String> {
+    let data = event_data(event);
+    let data = data.as_slice();
+    if data.is_empty() {
+        return Ok(false); // comments, keep-alives, `event:` lines alone
+    }
+    if data == b"[DONE]" {
+        return Ok(true);
+    }
+    let v = serde_json::from_slice::<serde_json::Value>(data)
+        .map_err(|e| format!("invalid JSON in SSE event: {e}"))?;
+    if v.get("error").is_some_and(|e| !e.is_null()) {
+        return Err("error event before the first token".into());
+    }
+    let non_empty = |v: Option<&serde_json::Value>| match v {
+        Some(serde_json::Value::String(s)) => !s.is_empty(),
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(serde_json::Value::Object(_)) => true,
+        _ => false,
+    };
+    let choices = v.get("choices").and_then(serde_json::Value::as_array);
+    Ok(choices.is_some_and(|cs| {
+        cs.iter().any(|c| {
+            let delta = c.get("delta");
+            let d = |k: &str| delta.and_then(|d| d.get(k));
+            non_empty(d("content"))
+                || non_empty(d("tool_calls"))
+                || non_empty(d("function_call"))
+                || non_empty(d("refusal"))
+                || non_empty(d("reasoning_content"))
+                || non_empty(d("reasoning"))
+                || non_empty(c.get("text"))
+                || c.get("finish_reason").is_some_and(|f| !f.is_null())
+        })
+    }))
 }
 
 /// The `data:` field of an event (the first one; OpenAI-compatible servers send one per event).
@@ -376,5 +407,25 @@ mod tests {
             b"{\"a\":\n1}"
         );
         assert_eq!(event_data(b": keep-alive\n"), b"");
+    }
+
+    #[test]
+    fn role_chunks_and_comments_are_not_output() {
+        let role = br#"data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
+        assert_eq!(has_output(role), Ok(false));
+        assert_eq!(has_output(b": keep-alive"), Ok(false));
+        let word =
+            br#"data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#;
+        assert_eq!(has_output(word), Ok(true));
+        let tool =
+            br#"data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c"}]}}]}"#;
+        assert_eq!(has_output(tool), Ok(true));
+        let text = br#"data: {"choices":[{"index":0,"text":"x","finish_reason":null}]}"#;
+        assert_eq!(has_output(text), Ok(true));
+        let stop = br#"data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#;
+        assert_eq!(has_output(stop), Ok(true));
+        assert_eq!(has_output(b"data: [DONE]"), Ok(true));
+        assert!(has_output(br#"data: {"error":{"message":"overloaded"}}"#).is_err());
+        assert!(has_output(b"data: {not json").is_err());
     }
 }
