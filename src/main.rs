@@ -334,7 +334,7 @@ fn usage_command(
     group_by: String,
     format: String,
 ) -> anyhow::Result<()> {
-    use fuke::ledger::report::{self, End, GroupBy};
+    use fuke::ledger::report::{self, GroupBy};
     let config = Config::load(&config_path).map_err(|p| anyhow::anyhow!("{p}"))?;
     let cfg = config
         .ledger
@@ -343,18 +343,8 @@ fn usage_command(
     let group_by = GroupBy::parse(&group_by).with_context(|| {
         format!("--group-by `{group_by}` is not one of tenant, day, model, key")
     })?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis() as i64;
-    let to = match to {
-        Some(t) => report::parse_time(&t, End::To).map_err(|e| anyhow::anyhow!("--to: {e}"))?,
-        None => now,
-    };
-    let from = match from {
-        Some(f) => report::parse_time(&f, End::From).map_err(|e| anyhow::anyhow!("--from: {e}"))?,
-        None => to - 30 * 86_400_000,
-    };
-    anyhow::ensure!(from < to, "--from must be before --to");
+    let (from, to) = report::range(from.as_deref(), to.as_deref())
+        .map_err(|(param, e)| anyhow::anyhow!("--{param}: {e}"))?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let db = fuke::ledger::Db::open(&cfg.url, fuke::ledger::Role::ReadOnly)

@@ -412,9 +412,7 @@ impl Config {
                 Some("off") => None,
                 Some(url) => match crate::ledger::Kind::of_url(url) {
                     Some(crate::ledger::Kind::Sqlite) => {
-                        let path = url
-                            .trim_start_matches("sqlite://")
-                            .trim_start_matches("sqlite:");
+                        let path = crate::ledger::sqlite_path(url).unwrap_or_default();
                         Some(crate::ledger::LedgerConfig {
                             url: format!("sqlite://{}", base.join(path).display()),
                             spool,

@@ -247,6 +247,14 @@ pub enum Kind {
     Postgres,
 }
 
+/// The file a `sqlite:` URL names (without its `?` options); `None` for other URLs.
+pub fn sqlite_path(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    rest.split('?').next()
+}
+
 impl Kind {
     pub fn of_url(url: &str) -> Option<Kind> {
         if url.starts_with("sqlite:") {
@@ -328,11 +336,7 @@ impl Db {
         })?;
         install_default_drivers();
         let mut url = url.to_string();
-        if kind == Kind::Sqlite {
-            let path = url
-                .trim_start_matches("sqlite://")
-                .trim_start_matches("sqlite:");
-            let path = path.split('?').next().unwrap_or_default().to_string();
+        if let Some(path) = sqlite_path(&url).map(str::to_string) {
             if role == Role::ReadOnly {
                 anyhow::ensure!(Path::new(&path).exists(), "no ledger at {path}");
             } else if let Some(dir) = Path::new(&path)

@@ -321,6 +321,23 @@ pub fn format_time(ms: i64) -> String {
     )
 }
 
+/// The range a report covers, `[from, to)` in ms: as given (see [`parse_time`]), by default
+/// the 30 days before now. The error names the parameter (`from` or `to`).
+pub fn range(from: Option<&str>, to: Option<&str>) -> Result<(i64, i64), (&'static str, String)> {
+    let to = match to {
+        Some(t) => parse_time(t, End::To).map_err(|e| ("to", e))?,
+        None => super::now_ms(),
+    };
+    let from = match from {
+        Some(f) => parse_time(f, End::From).map_err(|e| ("from", e))?,
+        None => to - 30 * DAY_MS,
+    };
+    if from >= to {
+        return Err(("from", "`from` must be before `to`".into()));
+    }
+    Ok((from, to))
+}
+
 /// Which end of a range a time is for: a bare date means the start of that day for `from`
 /// and the end of it (the next day's start) for `to`, so `--from 2026-11-01 --to 2026-11-30`
 /// is all of November.
