@@ -374,6 +374,22 @@ pricing:
     )
 }
 
+/// The test upstream and a gateway on it under [`billing_policy`], with a SQLite ledger in the
+/// returned directory (which must outlive the gateway).
+async fn billing_gateway() -> (Upstream, tempfile::TempDir, Gateway) {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start_with(
+        &billing_policy(&up.base_url()),
+        Options {
+            ledger: Some(LedgerConfig::embedded(dir.path())),
+            ..Options::default()
+        },
+    )
+    .await;
+    (up, dir, gw)
+}
+
 const KEY_TOKENS: &str = "fk-test-tokens-0010";
 const KEY_KEYED_1: &str = "fk-test-keyed-0011";
 const KEY_KEYED_2: &str = "fk-test-keyed-0012";
@@ -396,16 +412,7 @@ fn metric(text: &str, name: &str, tenant: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_commits_before_the_last_byte_and_reports_match_metrics() {
-    let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start_with(
-        &billing_policy(&up.base_url()),
-        Options {
-            ledger: Some(LedgerConfig::embedded(dir.path())),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (_up, _dir, gw) = billing_gateway().await;
     let db = gw.app.ledger.get().unwrap().db().unwrap().clone();
     let c = client();
     let row_of = |id: String| {
@@ -686,16 +693,7 @@ async fn kill_9_under_load_loses_and_duplicates_no_completed_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_limits_key_limits_and_budgets_refuse_with_openai_429s() {
-    let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start_with(
-        &billing_policy(&up.base_url()),
-        Options {
-            ledger: Some(LedgerConfig::embedded(dir.path())),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (up, _dir, gw) = billing_gateway().await;
     let c = client();
     let url = gw.url("/v1/chat/completions");
 
@@ -920,16 +918,7 @@ fn chromium(url: &str, what: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finance_dashboard_renders_the_ledger_in_headless_chromium() {
-    let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start_with(
-        &billing_policy(&up.base_url()),
-        Options {
-            ledger: Some(LedgerConfig::embedded(dir.path())),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (_up, dir, gw) = billing_gateway().await;
     let c = client();
     let url = gw.url("/v1/chat/completions");
     // acme spends twice what budgeted spends, in tokens and in money.
@@ -1023,16 +1012,7 @@ async fn finance_dashboard_renders_the_ledger_in_headless_chromium() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_cut_short_are_billed_for_the_chunks_delivered() {
-    let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start_with(
-        &billing_policy(&up.base_url()),
-        Options {
-            ledger: Some(LedgerConfig::embedded(dir.path())),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (_up, _dir, gw) = billing_gateway().await;
     let db = gw.app.ledger.get().unwrap().db().unwrap().clone();
     let row = |id: String| {
         let db = db.clone();
