@@ -85,15 +85,9 @@ wrk.headers["Authorization"] = "Bearer $key"
 LUA
 done
 
-run() {
-  local addr=$1 mode=$2 conns=$3 out
-  out=$(wrk -t2 -c"$conns" -d"${secs}s" --latency -s "$work/$mode.lua" "http://$addr/v1/chat/completions")
-  if echo "$out" | grep -q "Non-2xx"; then echo "non-2xx answers from $addr" >&2; echo "$out" >&2; exit 1; fi
-  local rps p99
-  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-  p99=$(echo "$out" | awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}')
-  echo "$rps $p99"
-}
+# shellcheck source=benches/wrk.sh
+source benches/wrk.sh
+run() { wrk_chat "$1" "$work/$2.lua" "$3" "$secs"; }
 
 echo
 echo "== the gateway, ledger off / SQLite / PostgreSQL (same upstream, same run)"
