@@ -82,53 +82,58 @@ impl Pricing {
     }
 }
 
-/// Parses a price per million tokens (`"0.15"`) into nano-USD per token.
-pub fn parse_price(text: &str) -> Result<i64, String> {
+/// Why a decimal was refused.
+enum Decimal {
+    Malformed,
+    TooManyPlaces,
+    TooLarge,
+}
+
+/// Parses `digits[.digits]` (at most `places` decimals, whole part at most 1e9) into an
+/// integer count of 10^-places units: exact, no floats.
+fn parse_fixed(text: &str, places: u32) -> Result<i64, Decimal> {
     let t = text.trim();
     let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if !digits(whole) || (t.contains('.') && !digits(frac)) {
-        return Err(format!(
-            "`{text}` is not a price: write USD per million tokens as a decimal, like \"0.15\""
-        ));
+        return Err(Decimal::Malformed);
     }
-    if frac.len() > 3 {
-        return Err(format!(
-            "`{text}` has more than 3 decimal places (prices are exact to $0.001 per million tokens)"
-        ));
+    if frac.len() > places as usize {
+        return Err(Decimal::TooManyPlaces);
     }
     let whole: i64 = whole
         .parse()
         .ok()
         .filter(|w| *w <= 1_000_000_000)
-        .ok_or_else(|| format!("`{text}` is too large for a price per million tokens"))?;
-    let mut frac_milli = 0i64;
+        .ok_or(Decimal::TooLarge)?;
+    let mut units = 0i64;
     for (i, b) in frac.bytes().enumerate() {
-        frac_milli += i64::from(b - b'0') * [100, 10, 1][i];
+        units += i64::from(b - b'0') * 10i64.pow(places - 1 - i as u32);
     }
-    Ok(whole * 1000 + frac_milli)
+    Ok(whole * 10i64.pow(places) + units)
+}
+
+/// Parses a price per million tokens (`"0.15"`) into nano-USD per token.
+pub fn parse_price(text: &str) -> Result<i64, String> {
+    parse_fixed(text, 3).map_err(|e| match e {
+        Decimal::Malformed => format!(
+            "`{text}` is not a price: write USD per million tokens as a decimal, like \"0.15\""
+        ),
+        Decimal::TooManyPlaces => format!(
+            "`{text}` has more than 3 decimal places (prices are exact to $0.001 per million tokens)"
+        ),
+        Decimal::TooLarge => format!("`{text}` is too large for a price per million tokens"),
+    })
 }
 
 /// Parses an amount of USD (`"50"`, `"0.25"`, at most 9 decimals) into nano-USD.
 pub fn parse_usd(text: &str) -> Result<i64, String> {
-    let t = text.trim();
-    let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(whole) || (t.contains('.') && !digits(frac)) || frac.len() > 9 {
-        return Err(format!(
+    parse_fixed(text, 9).map_err(|e| match e {
+        Decimal::Malformed | Decimal::TooManyPlaces => format!(
             "`{text}` is not an amount: write USD as a decimal with at most 9 places, like \"25.50\""
-        ));
-    }
-    let whole: i64 = whole
-        .parse()
-        .ok()
-        .filter(|w| *w <= 1_000_000_000)
-        .ok_or_else(|| format!("`{text}` is more than 1,000,000,000 USD"))?;
-    let mut nanos = 0i64;
-    for (i, b) in frac.bytes().enumerate() {
-        nanos += i64::from(b - b'0') * 10i64.pow(8 - i as u32);
-    }
-    Ok(whole * 1_000_000_000 + nanos)
+        ),
+        Decimal::TooLarge => format!("`{text}` is more than 1,000,000,000 USD"),
+    })
 }
 
 /// Nano-USD as an exact decimal string with 9 places: `1234567` → `"0.001234567"`.
