@@ -44,6 +44,9 @@ pub struct Pricing {
     /// changed table always gets a new version.
     pub version: Arc<str>,
     models: HashMap<String, Price>,
+    /// The `UPSTREAM` parts of `UPSTREAM/model` keys: only those backends need the second
+    /// lookup (and the key built for it).
+    backends: std::collections::HashSet<String>,
 }
 
 impl Pricing {
@@ -60,16 +63,21 @@ impl Pricing {
             }
             format!("sha256:{}", &hex::encode(h.finalize())[..12])
         });
+        let backends = models
+            .iter()
+            .filter_map(|(k, _)| k.split_once('/').map(|(b, _)| b.to_string()))
+            .collect();
         Pricing {
             version: version.into(),
             models: models.into_iter().collect(),
+            backends,
         }
     }
 
     /// The price of `model` as served by `backend`: an entry named `backend/model` wins over
     /// one named `model` (the same model may cost differently at two providers).
     pub fn price(&self, backend: &str, model: &str) -> Option<Price> {
-        if !backend.is_empty() {
+        if self.backends.contains(backend) {
             let mut key = String::with_capacity(backend.len() + 1 + model.len());
             key.push_str(backend);
             key.push('/');
