@@ -430,7 +430,7 @@ async fn check_limits(
     let refuse = |scope: &Scope, whose: &str, unit: Unit, per_minute: u32, wait: RetryAfter| {
         let secs = wait.0.as_secs() + u64::from(wait.0.subsec_nanos() > 0);
         let (Scope::Tenant(name) | Scope::Key(name)) = scope;
-        Error::LimitExceeded {
+        Error::RateLimited {
             message: format!(
                 "Rate limit reached for {whose} {name}: {per_minute} {} per minute. Retry in {secs}s.",
                 unit.as_str()
@@ -503,7 +503,7 @@ async fn check_budgets(
     for (spent, (budget, period, label, whose, name)) in spent.into_iter().zip(budgets) {
         if spent >= budget {
             let secs = ((period.end(now) - now) / 1000).max(1) as u64;
-            return Err(Error::LimitExceeded {
+            return Err(Error::RateLimited {
                 message: format!(
                     "The {label} budget of {whose} {name} (${}) is spent (${} so far). It renews in {secs}s.",
                     crate::ledger::pricing::format_usd(budget),

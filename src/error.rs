@@ -38,18 +38,14 @@ pub enum Error {
     },
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
-    #[error("rate limit exceeded")]
+    /// A 429: a tenant's or key's limit (`unit`: requests, tokens), a spent budget (`unit`:
+    /// budget), or a local model's full queue (requests, no `limit`).
+    #[error("{message}")]
     RateLimited {
         message: String,
         retry_after_secs: u64,
-    },
-    /// A tenant's or key's limit (`unit`: requests, tokens) or budget (`unit`: budget).
-    #[error("{message}")]
-    LimitExceeded {
-        message: String,
-        retry_after_secs: u64,
         unit: &'static str,
-        /// The limit, for `x-ratelimit-limit-*` (requests and tokens).
+        /// The limit per minute, for the `x-ratelimit-*` headers.
         limit: Option<u64>,
     },
     #[error("role `{role}` may not call {what}")]
@@ -139,9 +135,7 @@ impl Error {
             Error::ModelNotFound { .. } | Error::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::RateLimited { .. } | Error::LimitExceeded { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::UpstreamConnect { .. } | Error::UpstreamProtocol { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -216,12 +210,9 @@ impl Error {
                     Some("request_too_large"),
                 )
             }
-            Error::RateLimited { message, .. } => {
-                (message, "requests", None, Some("rate_limit_exceeded"))
-            }
             // OpenAI's shapes: `type` names what ran out; a spent budget is
             // `insufficient_quota`, which the SDKs do not retry.
-            Error::LimitExceeded {
+            Error::RateLimited {
                 message,
                 unit: "budget",
                 ..
@@ -231,7 +222,7 @@ impl Error {
                 None,
                 Some("insufficient_quota"),
             ),
-            Error::LimitExceeded { message, unit, .. } => {
+            Error::RateLimited { message, unit, .. } => {
                 (message, unit, None, Some("rate_limit_exceeded"))
             }
             Error::Forbidden { .. } => {
@@ -317,15 +308,15 @@ impl Error {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Error::LimitExceeded { unit: "budget", .. } = &self {
+        if let Error::RateLimited { unit: "budget", .. } = &self {
             // The OpenAI SDKs retry every 429 unless told not to; a spent budget does not come
             // back in seconds.
             resp.headers_mut()
                 .insert("x-should-retry", HeaderValue::from_static("false"));
         }
-        if let Error::LimitExceeded {
+        if let Error::RateLimited {
             unit: unit @ ("requests" | "tokens"),
-            limit,
+            limit: Some(limit),
             retry_after_secs,
             ..
         } = &self
@@ -334,7 +325,7 @@ impl Error {
             let name = |what: &str| {
                 http::HeaderName::from_bytes(format!("x-ratelimit-{what}-{unit}").as_bytes())
             };
-            if let (Some(limit), Ok(n)) = (limit, name("limit")) {
+            if let Ok(n) = name("limit") {
                 h.insert(n, HeaderValue::from(*limit));
             }
             if let Ok(n) = name("remaining") {
@@ -348,9 +339,6 @@ impl Error {
             }
         }
         if let Error::RateLimited {
-            retry_after_secs, ..
-        }
-        | Error::LimitExceeded {
             retry_after_secs, ..
         }
         | Error::NoBackend {
@@ -435,6 +423,8 @@ mod tests {
         let resp = Error::RateLimited {
             message: "slow down".into(),
             retry_after_secs: 7,
+            unit: "requests",
+            limit: None,
         }
         .into_response();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);

@@ -162,6 +162,8 @@ pub(crate) fn refused<T>(model: &str, e: TrySendError<T>) -> Error {
                 "The local model `{model}` is busy; its queue is full. Retry shortly."
             ),
             retry_after_secs: 1,
+            unit: "requests",
+            limit: None,
         },
         TrySendError::Disconnected(_) => unavailable(model, "its worker thread stopped"),
     }
