@@ -6,6 +6,7 @@
 #     wrk JSON and SSE at concurrency 16 and 64, RPS and p99, and each ratio to "off"; once with
 #     an upstream that answers at once, once with a model that takes 50 ms (`wait-50`).
 #   benches/ledger.sh [seconds per run, default 10]
+# A shorter run while iterating: MODES="json sse" CONCS=64 ALONE=0 benches/ledger.sh 5
 # Needs wrk (apt-get install wrk) and the machine's PostgreSQL on 127.0.0.1:5432 (trust auth).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ pg "CREATE DATABASE fuke_ledger_bench"
 PG_URL=postgres://postgres@127.0.0.1:5432/fuke_ledger_bench
 
 echo "== the ledger alone (benches/ledger_bench.rs)"
-for c in 1 64; do
+[ "${ALONE:-1}" = 0 ] || for c in 1 64; do
   rows=$([ "$c" = 1 ] && echo 2000 || echo 50000)
   target/release/examples/ledger_bench "sqlite://$work/alone.db" "$rows" "$c"
   pg "DROP DATABASE IF EXISTS fuke_ledger_bench WITH (FORCE)"; pg "CREATE DATABASE fuke_ledger_bench"
@@ -94,8 +95,8 @@ echo "== the gateway, ledger off / SQLite / PostgreSQL (same upstream, same run)
 printf '%-5s %-5s %10s %10s %10s %9s %9s %9s %9s %9s\n' mode conc off_rps sqlite_rps pg_rps sqlite/off pg/off off_p99 sqlite_p99 pg_p99
 # json/sse: an upstream that answers at once (the gateway's own cost dominates); json50/sse50:
 # a model that takes 50 ms, as real ones do (and more).
-for mode in json sse json50 sse50; do
-  for c in 16 64; do
+for mode in ${MODES:-json sse json50 sse50}; do
+  for c in ${CONCS:-16 64}; do
     read -r o_rps o_p99 < <(run "${ADDR[off]}" $mode $c)
     read -r s_rps s_p99 < <(run "${ADDR[sqlite]}" $mode $c)
     read -r p_rps p_p99 < <(run "${ADDR[postgres]}" $mode $c)

@@ -1,7 +1,8 @@
 //! The usage ledger alone: rows per second committed when `concurrency` requests record at
 //! once, each awaiting its commit as the gateway does before its last byte.
-//!   ledger_bench URL ROWS CONCURRENCY
+//!   ledger_bench URL ROWS CONCURRENCY [nofsync]
 //! URL: sqlite://PATH or postgres://…; prints rows/s, transactions, and rows per transaction.
+//! `nofsync`: the ledger's `fsync: false` (commits do not wait for the disk).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,7 +16,11 @@ use fuke::openai::{Endpoint, Usage};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() == 4, "usage: ledger_bench URL ROWS CONCURRENCY");
+    anyhow::ensure!(
+        args.len() == 4 || (args.len() == 5 && args[4] == "nofsync"),
+        "usage: ledger_bench URL ROWS CONCURRENCY [nofsync]"
+    );
+    let fsync = args.len() == 4;
     let url = args[1].clone();
     let rows: usize = args[2].parse()?;
     let conc: usize = args[3].parse()?;
@@ -29,6 +34,7 @@ fn main() -> anyhow::Result<()> {
             Ledger::open(&LedgerConfig {
                 url: url.clone(),
                 spool: dir.path().join("spool.jsonl"),
+                fsync,
             })
             .await?,
         );

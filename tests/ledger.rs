@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -180,11 +180,43 @@ async fn count(db: &Db) -> i64 {
 }
 
 /// The suite both databases pass.
+/// `usage_totals` (kept by the database's trigger) holds exactly what the rows add up to, per
+/// scope and UTC period as the gateway names them.
+async fn assert_totals_match_rows(db: &Db) {
+    use fuke::ledger::{Period, Scope};
+    let mut want: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    for r in rows(db).await {
+        for (scope, period) in [
+            (Scope::Tenant(&r.tenant), Period::Day),
+            (Scope::Tenant(&r.tenant), Period::Month),
+            (Scope::Key(&r.key_id), Period::Day),
+            (Scope::Key(&r.key_id), Period::Month),
+        ] {
+            let t = want.entry((scope.key(), period.of(r.ts_ms))).or_default();
+            t.0 += r.cost_nanousd.unwrap_or(0);
+            t.1 += 1;
+        }
+    }
+    let got: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT scope, period, cost_nanousd, requests FROM usage_totals ORDER BY scope, period",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let got: BTreeMap<(String, String), (i64, i64)> = got
+        .into_iter()
+        .map(|(s, p, c, n)| ((s, p), (c, n)))
+        .collect();
+    assert!(!want.is_empty());
+    assert_eq!(got, want, "running totals against the rows");
+}
+
 async fn suite(url: String) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LedgerConfig {
         url,
         spool: dir.path().join("spool.jsonl"),
+        fsync: true,
     };
     let ledger = Ledger::open(&cfg).await.unwrap();
     let db = ledger.reader().db().unwrap().clone();
@@ -243,6 +275,7 @@ async fn suite(url: String) {
     let again = by_id["req-2"];
     db.insert(&[again, again]).await.unwrap();
     assert_eq!(count(&db).await, 60);
+    assert_totals_match_rows(&db).await;
 
     // Reports: totals per tenant, and per model, match the events.
     let q = |tenant: Option<&str>, group_by| fuke::ledger::report::Query {
@@ -302,6 +335,18 @@ async fn suite(url: String) {
         63,
         "a replay never duplicates"
     );
+    let db3 = &third.reader().db().unwrap().clone();
+    assert_totals_match_rows(db3).await;
+    // A batch mixing a present row with a new one adds only the new one.
+    let present = rows(db3).await.remove(0);
+    let extra = Row {
+        id: "00ff".repeat(8),
+        request_id: "req-extra".into(),
+        ..present.clone()
+    };
+    db3.insert(&[&present, &extra]).await.unwrap();
+    assert_eq!(count(db3).await, 64);
+    assert_totals_match_rows(db3).await;
     third.reader().db().unwrap().pool.close().await;
 }
 
@@ -313,6 +358,81 @@ async fn sqlite_ledger() {
         dir.path().join("ledger.db").display()
     ))
     .await;
+}
+
+/// The writer keeps its connection between batches. When the database drops it (a restart,
+/// an operator's `pg_terminate_backend`), the next batch goes again on a new connection and
+/// is committed, not spooled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_database_connection_costs_a_retry_not_the_spool() {
+    let pg = PgDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&LedgerConfig {
+        url: pg.url.clone(),
+        spool: dir.path().join("spool.jsonl"),
+        fsync: true,
+    })
+    .await
+    .unwrap();
+    ledger.record(event(0, "acme", "echo-model", None)).await;
+    let admin = sqlx::AnyPool::connect(PG_ADMIN).await.unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&pg.name)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    assert!(killed.contains(&true), "the writer's connection was open");
+    ledger.record(event(1, "acme", "echo-model", None)).await;
+    let stats = &ledger.stats;
+    assert_eq!(stats.spooled.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        stats.committed.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    let db = Db::open(&pg.url, fuke::ledger::Role::Reader).await.unwrap();
+    assert_eq!(count(&db).await, 2);
+    db.pool.close().await;
+    ledger.reader().db().unwrap().pool.close().await;
+}
+
+/// `fsync: false` reaches the writer's connection, and only the writer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_off_relaxes_only_the_writers_commits() {
+    use fuke::ledger::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    for (fsync, want) in [(true, 2i64), (false, 1)] {
+        let db = Db::open_with(&url, Role::Writer, fsync).await.unwrap();
+        let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(level, want, "sqlite synchronous with fsync={fsync}");
+        db.pool.close().await;
+    }
+    let pg = PgDb::create().await;
+    for (fsync, want) in [(true, "on"), (false, "off")] {
+        let db = Db::open_with(&pg.url, Role::Writer, fsync).await.unwrap();
+        let got: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(got, want, "postgres synchronous_commit with fsync={fsync}");
+        db.pool.close().await;
+    }
+    let reader = Db::open_with(&pg.url, Role::Reader, false).await.unwrap();
+    let got: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&reader.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        got, "on",
+        "readers write nothing and keep the server's default"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -592,6 +712,14 @@ async fn kill_9_under_load_loses_and_duplicates_no_completed_request() {
     let mut completed: HashSet<String> = HashSet::new();
     let mut next = 0usize;
     for round in 0..3 {
+        if round == 2 {
+            // `fsync: false` must survive a killed process too (it gives up only power loss).
+            let yaml = dir.path().join("fuke.yaml");
+            let text = std::fs::read_to_string(&yaml).unwrap();
+            std::fs::write(&yaml, format!("{text}  fsync: false\n")).unwrap();
+            let cfg = fuke::config::Config::load(&yaml).unwrap();
+            assert!(!cfg.ledger.unwrap().fsync, "ledger.fsync: false is read");
+        }
         let (mut child, addr, _logs) = spawn_fuke(dir.path());
         let c = client();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -789,6 +917,7 @@ async fn two_replicas_share_budgets_through_postgres_and_rate_limits_through_red
                     ledger: Some(LedgerConfig {
                         url: pg.url.clone(),
                         spool: dir.path().join("spool.jsonl"),
+                        fsync: true,
                     }),
                     settings: fuke::app::Settings {
                         limits_redis: Some(fuke::limits::RedisLimits {
@@ -1090,6 +1219,7 @@ async fn an_unreachable_database_spools_and_a_torn_spool_replays_what_it_can() {
     let down = LedgerConfig {
         url: "postgres://postgres@127.0.0.1:1/nowhere".into(),
         spool: spool.clone(),
+        fsync: true,
     };
     let ledger = Ledger::open(&down)
         .await
@@ -1125,6 +1255,7 @@ async fn an_unreachable_database_spools_and_a_torn_spool_replays_what_it_can() {
     let up = LedgerConfig {
         url: pg.url.clone(),
         spool: spool.clone(),
+        fsync: true,
     };
     let ledger = Ledger::open(&up).await.unwrap();
     let db = ledger.reader().db().unwrap().clone();

@@ -60,6 +60,9 @@ struct RawLedger {
     url: Option<String>,
     /// Where rows wait when the database is down. Default `DATA_DIR/ledger-spool.jsonl`.
     spool: Option<PathBuf>,
+    /// `false`: commits do not wait for the disk (rows survive a killed gateway, not a power
+    /// loss). Default `true`.
+    fsync: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -407,8 +410,13 @@ impl Config {
                 .and_then(|l| l.spool.as_ref())
                 .map(|s| base.join(s))
                 .unwrap_or_else(|| data_dir.join("ledger-spool.jsonl"));
+            let fsync = raw.ledger.as_ref().and_then(|l| l.fsync).unwrap_or(true);
             match raw_url.as_deref() {
-                None => Some(crate::ledger::LedgerConfig::embedded(&data_dir)),
+                None => Some(crate::ledger::LedgerConfig {
+                    spool,
+                    fsync,
+                    ..crate::ledger::LedgerConfig::embedded(&data_dir)
+                }),
                 Some("off") => None,
                 Some(url) => match crate::ledger::Kind::of_url(url) {
                     Some(crate::ledger::Kind::Sqlite) => {
@@ -416,11 +424,13 @@ impl Config {
                         Some(crate::ledger::LedgerConfig {
                             url: format!("sqlite://{}", base.join(path).display()),
                             spool,
+                            fsync,
                         })
                     }
                     Some(crate::ledger::Kind::Postgres) => Some(crate::ledger::LedgerConfig {
                         url: url.to_string(),
                         spool,
+                        fsync,
                     }),
                     None => {
                         add(
