@@ -125,27 +125,12 @@ const V2_TOTALS: &[&str] = &["CREATE TABLE IF NOT EXISTS usage_totals (
         PRIMARY KEY (scope, period)
     )"];
 
-/// Version 3: the database keeps the totals, from the rows it actually inserted (an id already
-/// present adds nothing), in the statement that inserts them. A batch is then one statement:
-/// no `RETURNING` rows back, no second statement, no explicit transaction.
-const V3_TOTALS_TRIGGER_SQLITE: &[&str] = &[
-    "CREATE TRIGGER IF NOT EXISTS usage_ledger_totals AFTER INSERT ON usage_ledger
-    BEGIN
-        INSERT INTO usage_totals (scope, period, cost_nanousd, requests) VALUES
-            ('k:' || NEW.key_id, 'd' || strftime('%Y-%m-%d', NEW.ts_ms / 1000, 'unixepoch'),
-             COALESCE(NEW.cost_nanousd, 0), 1),
-            ('k:' || NEW.key_id, 'm' || strftime('%Y-%m', NEW.ts_ms / 1000, 'unixepoch'),
-             COALESCE(NEW.cost_nanousd, 0), 1),
-            ('t:' || NEW.tenant, 'd' || strftime('%Y-%m-%d', NEW.ts_ms / 1000, 'unixepoch'),
-             COALESCE(NEW.cost_nanousd, 0), 1),
-            ('t:' || NEW.tenant, 'm' || strftime('%Y-%m', NEW.ts_ms / 1000, 'unixepoch'),
-             COALESCE(NEW.cost_nanousd, 0), 1)
-        ON CONFLICT (scope, period) DO UPDATE SET
-            cost_nanousd = cost_nanousd + excluded.cost_nanousd,
-            requests = requests + excluded.requests;
-    END",
-];
-
+/// Version 3, PostgreSQL only: the database keeps the totals, from the rows each INSERT
+/// actually inserted (an id already present adds nothing), in that statement. A batch is then
+/// one statement: no `RETURNING` rows back, no second statement, no explicit transaction.
+/// SQLite has only row-level triggers, whose four upserts per row doubled the cost of a row
+/// (measured), so there the writer sends the batch and its totals as one multi-statement
+/// transaction instead ([`Db::insert_on`]).
 /// PostgreSQL: one statement-level trigger per INSERT, over the rows it inserted, upserting
 /// the totals in sorted order (replicas lock total rows in one order).
 const V3_TOTALS_TRIGGER_POSTGRES: &[&str] = &[
@@ -177,7 +162,7 @@ const V3_TOTALS_TRIGGER_POSTGRES: &[&str] = &[
 const MIGRATIONS: &[Migration] = &[
     (1, V1_LEDGER, V1_LEDGER),
     (2, V2_TOTALS, V2_TOTALS),
-    (3, V3_TOTALS_TRIGGER_SQLITE, V3_TOTALS_TRIGGER_POSTGRES),
+    (3, &[], V3_TOTALS_TRIGGER_POSTGRES),
 ];
 
 /// One ledger row. Also the spool file's line format.
@@ -512,50 +497,165 @@ impl Db {
         }
     }
 
-    /// Inserts rows; an id already present is left as it is. The database adds what it
-    /// inserted to the running totals (migration 3's trigger), in the same statement.
+    /// Inserts rows; an id already present is left as it is. Rows inserted, and only those,
+    /// are added to the running totals in the same transaction.
     pub async fn insert(&self, rows: &[&Row]) -> Result<(), sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         self.insert_on(&mut conn, rows).await
     }
 
     /// [`Db::insert`] on a connection the caller holds (the writer keeps one: no pool
-    /// round trip, liveness ping or return task per batch). A batch that fits one INSERT is
-    /// that statement alone, committed by itself: one round trip (measured under load, each
-    /// round trip to sqlx's SQLite thread or to PostgreSQL cost 0.2–0.7 ms of waiting).
-    /// Larger batches share one transaction.
+    /// round trip, liveness ping or return task per batch). Each round trip to sqlx's SQLite
+    /// thread or to PostgreSQL cost 0.2–0.7 ms of waiting under load (measured), so a batch
+    /// is one:
+    /// - PostgreSQL: one `INSERT … ON CONFLICT (id) DO NOTHING` per 32 rows, alone and
+    ///   committed by itself when the batch fits one; migration 3's trigger keeps the totals.
+    /// - SQLite: `BEGIN IMMEDIATE; INSERT OR ROLLBACK …; <totals upsert>; COMMIT` as one multi-statement
+    ///   call. The totals count every row, so an id already present must not be inserted
+    ///   over: it rolls the transaction back, and the batch goes again with `RETURNING`,
+    ///   counting only the rows that went in.
     pub async fn insert_on(
         &self,
         conn: &mut AnyConnection,
         rows: &[&Row],
     ) -> Result<(), sqlx::Error> {
-        let mut chunks = insert_chunks(rows, self.kind).peekable();
-        let Some(first) = chunks.next() else {
+        if rows.is_empty() {
             return Ok(());
-        };
-        if chunks.peek().is_none() {
-            return self.insert_chunk(conn, first).await;
         }
+        match self.kind {
+            Kind::Postgres => {
+                let mut chunks = insert_chunks(rows, self.kind).peekable();
+                let Some(first) = chunks.next() else {
+                    return Ok(());
+                };
+                if chunks.peek().is_none() {
+                    return self.insert_rows(conn, first, false).await.map(|_| ());
+                }
+                let mut tx = conn.begin().await?;
+                self.insert_rows(&mut tx, first, false).await?;
+                for chunk in chunks {
+                    self.insert_rows(&mut tx, chunk, false).await?;
+                }
+                tx.commit().await
+            }
+            Kind::Sqlite => match self.insert_sqlite_batch(conn, rows).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // No transaction may stay open on this connection, whatever failed.
+                    let _ = conn.execute("ROLLBACK").await;
+                    match &e {
+                        sqlx::Error::Database(d) if d.is_unique_violation() => {
+                            self.insert_returning(conn, rows).await
+                        }
+                        _ => Err(e),
+                    }
+                }
+            },
+        }
+    }
+
+    /// SQLite's one-call batch (see [`Db::insert_on`]).
+    async fn insert_sqlite_batch(
+        &self,
+        conn: &mut AnyConnection,
+        rows: &[&Row],
+    ) -> Result<(), sqlx::Error> {
+        let mut totals = Totals::default();
+        for r in rows {
+            totals.add(&r.tenant, &r.key_id, r.ts_ms, r.cost_nanousd);
+        }
+        let mut sql = String::with_capacity(256 + rows.len() * 160);
+        sql.push_str("BEGIN IMMEDIATE; ");
+        let mut n = 0;
+        for chunk in insert_chunks(rows, self.kind) {
+            self.insert_sql(&mut sql, "INSERT OR ROLLBACK", chunk.len(), &mut n);
+            sql.push_str("; ");
+        }
+        self.totals_sql(&mut sql, totals.0.len(), &mut n);
+        sql.push_str("; COMMIT");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+        for r in rows {
+            q = bind_row(q, r);
+        }
+        for ((scope, period), (cost, count)) in &totals.0 {
+            q = q
+                .bind(scope.as_str())
+                .bind(period.as_str())
+                .bind(*cost)
+                .bind(*count);
+        }
+        q.execute(conn).await.map(|_| ())
+    }
+
+    /// Rows some of which may be present already (SQLite): one transaction, inserts with
+    /// `RETURNING`, and totals from what came back.
+    async fn insert_returning(
+        &self,
+        conn: &mut AnyConnection,
+        rows: &[&Row],
+    ) -> Result<(), sqlx::Error> {
         let mut tx = conn.begin().await?;
-        self.insert_chunk(&mut tx, first).await?;
-        for chunk in chunks {
-            self.insert_chunk(&mut tx, chunk).await?;
+        let mut totals = Totals::default();
+        for chunk in insert_chunks(rows, self.kind) {
+            for r in self.insert_rows(&mut tx, chunk, true).await? {
+                let tenant: String = r.try_get(0)?;
+                let key: String = r.try_get(1)?;
+                totals.add(&tenant, &key, r.try_get(2)?, r.try_get(3)?);
+            }
+        }
+        if !totals.0.is_empty() {
+            let mut sql = String::new();
+            let mut n = 0;
+            self.totals_sql(&mut sql, totals.0.len(), &mut n);
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+            for ((scope, period), (cost, count)) in &totals.0 {
+                q = q
+                    .bind(scope.as_str())
+                    .bind(period.as_str())
+                    .bind(*cost)
+                    .bind(*count);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await
     }
 
-    /// One multi-row `INSERT … ON CONFLICT (id) DO NOTHING`.
-    async fn insert_chunk(
+    /// One multi-row `INSERT … ON CONFLICT (id) DO NOTHING`, with `RETURNING` the inserted
+    /// rows' tenant, key, time and cost when asked.
+    async fn insert_rows(
         &self,
         conn: &mut AnyConnection,
         chunk: &[&Row],
-    ) -> Result<(), sqlx::Error> {
+        returning: bool,
+    ) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
         let mut sql = String::with_capacity(128 + chunk.len() * 160);
-        sql.push_str("INSERT INTO usage_ledger (");
+        let mut n = 0;
+        self.insert_sql(&mut sql, "INSERT", chunk.len(), &mut n);
+        sql.push_str(" ON CONFLICT (id) DO NOTHING");
+        if returning {
+            sql.push_str(" RETURNING tenant, key_id, ts_ms, cost_nanousd");
+        }
+        // Column names and placeholders only; every value is bound. Kept prepared (one
+        // statement per chunk size).
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+        for r in chunk {
+            q = bind_row(q, r);
+        }
+        if returning {
+            q.fetch_all(conn).await
+        } else {
+            q.execute(conn).await.map(|_| Vec::new())
+        }
+    }
+
+    /// `VERB INTO usage_ledger (…) VALUES (…), …` for `rows` rows, numbering placeholders
+    /// after `n`.
+    fn insert_sql(&self, sql: &mut String, verb: &str, rows: usize, n: &mut usize) {
+        sql.push_str(verb);
+        sql.push_str(" INTO usage_ledger (");
         sql.push_str(&COLUMNS.join(", "));
         sql.push_str(") VALUES ");
-        let mut n = 0;
-        for (i, _) in chunk.iter().enumerate() {
+        for i in 0..rows {
             if i > 0 {
                 sql.push_str(", ");
             }
@@ -564,44 +664,35 @@ impl Db {
                 if c > 0 {
                     sql.push_str(", ");
                 }
-                n += 1;
-                self.placeholder(&mut sql, n);
+                *n += 1;
+                self.placeholder(sql, *n);
             }
             sql.push(')');
         }
-        sql.push_str(" ON CONFLICT (id) DO NOTHING");
-        // Column names and placeholders only; every value is bound. Kept prepared (one
-        // statement per chunk size).
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
-        for r in chunk {
-            q = q
-                .bind(r.id.as_str())
-                .bind(r.request_id.as_str())
-                .bind(r.ts_ms)
-                .bind(r.tenant.as_str())
-                .bind(r.key_id.as_str())
-                .bind(r.endpoint.as_str())
-                .bind(r.model.as_str())
-                .bind(r.served_model.as_str())
-                .bind(r.backend.as_str())
-                .bind(r.prompt_tokens)
-                .bind(r.completion_tokens)
-                .bind(r.cached_tokens)
-                .bind(r.usage_source.as_str())
-                .bind(r.cache.as_str())
-                .bind(r.tokens_saved)
-                .bind(r.kb_chunks)
-                .bind(r.fallback.as_deref())
-                .bind(r.status)
-                .bind(r.outcome.as_str())
-                .bind(i64::from(r.streamed))
-                .bind(r.streamed_chunks)
-                .bind(r.latency_ms)
-                .bind(r.cost_nanousd)
-                .bind(r.price_version.as_deref())
-                .bind(r.rules.as_deref());
+    }
+
+    /// The running-totals upsert for `pairs` (scope, period) rows.
+    fn totals_sql(&self, sql: &mut String, pairs: usize, n: &mut usize) {
+        sql.push_str("INSERT INTO usage_totals (scope, period, cost_nanousd, requests) VALUES ");
+        for i in 0..pairs {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for k in 0..4 {
+                if k > 0 {
+                    sql.push_str(", ");
+                }
+                *n += 1;
+                self.placeholder(sql, *n);
+            }
+            sql.push(')');
         }
-        q.execute(conn).await.map(|_| ())
+        sql.push_str(
+            " ON CONFLICT (scope, period) DO UPDATE SET \
+             cost_nanousd = usage_totals.cost_nanousd + excluded.cost_nanousd, \
+             requests = usage_totals.requests + excluded.requests",
+        );
     }
 
     /// Nano-USD spent in each `(scope, period)` asked for (0 where nothing was recorded).
@@ -711,6 +802,57 @@ fn insert_chunks<'a, 'r>(rows: &'a [&'r Row], kind: Kind) -> impl Iterator<Item 
         rest = tail;
         Some(chunk)
     })
+}
+
+/// Cost and request count per (scope, period), sorted: writers that share a database lock
+/// total rows in one order.
+#[derive(Default)]
+struct Totals(std::collections::BTreeMap<(String, String), (i64, i64)>);
+
+impl Totals {
+    fn add(&mut self, tenant: &str, key: &str, ts_ms: i64, cost: Option<i64>) {
+        for (scope, period) in [
+            (Scope::Tenant(tenant), Period::Day),
+            (Scope::Tenant(tenant), Period::Month),
+            (Scope::Key(key), Period::Day),
+            (Scope::Key(key), Period::Month),
+        ] {
+            let t = self.0.entry((scope.key(), period.of(ts_ms))).or_default();
+            t.0 = t.0.saturating_add(cost.unwrap_or(0));
+            t.1 += 1;
+        }
+    }
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// Binds one row's values, in [`COLUMNS`] order.
+fn bind_row<'q>(q: AnyQuery<'q>, r: &'q Row) -> AnyQuery<'q> {
+    q.bind(r.id.as_str())
+        .bind(r.request_id.as_str())
+        .bind(r.ts_ms)
+        .bind(r.tenant.as_str())
+        .bind(r.key_id.as_str())
+        .bind(r.endpoint.as_str())
+        .bind(r.model.as_str())
+        .bind(r.served_model.as_str())
+        .bind(r.backend.as_str())
+        .bind(r.prompt_tokens)
+        .bind(r.completion_tokens)
+        .bind(r.cached_tokens)
+        .bind(r.usage_source.as_str())
+        .bind(r.cache.as_str())
+        .bind(r.tokens_saved)
+        .bind(r.kb_chunks)
+        .bind(r.fallback.as_deref())
+        .bind(r.status)
+        .bind(r.outcome.as_str())
+        .bind(i64::from(r.streamed))
+        .bind(r.streamed_chunks)
+        .bind(r.latency_ms)
+        .bind(r.cost_nanousd)
+        .bind(r.price_version.as_deref())
+        .bind(r.rules.as_deref())
 }
 
 /// 128 bits: milliseconds since the epoch (48), then 80 random bits. Ids minted this way grow,
