@@ -125,14 +125,12 @@ const V2_TOTALS: &[&str] = &["CREATE TABLE IF NOT EXISTS usage_totals (
         PRIMARY KEY (scope, period)
     )"];
 
-/// Version 3, PostgreSQL only: the database keeps the totals, from the rows each INSERT
-/// actually inserted (an id already present adds nothing), in that statement. A batch is then
-/// one statement: no `RETURNING` rows back, no second statement, no explicit transaction.
-/// SQLite has only row-level triggers, whose four upserts per row doubled the cost of a row
-/// (measured), so there the writer sends the batch and its totals as one multi-statement
-/// transaction instead ([`Db::insert_on`]).
-/// PostgreSQL: one statement-level trigger per INSERT, over the rows it inserted, upserting
-/// the totals in sorted order (replicas lock total rows in one order).
+/// Version 3, PostgreSQL only: a statement-level trigger keeps the totals from the rows each
+/// INSERT actually inserted (an id already present adds nothing), upserting in sorted order
+/// (replicas lock total rows in one order). A batch is then one statement: no `RETURNING` rows
+/// back, no second statement, no explicit transaction. SQLite has only row-level triggers,
+/// whose four upserts per row doubled the cost of a row (measured), so there the writer sends
+/// the batch and its totals as one multi-statement transaction instead ([`Db::insert_on`]).
 const V3_TOTALS_TRIGGER_POSTGRES: &[&str] = &[
     "CREATE OR REPLACE FUNCTION fuke_usage_totals() RETURNS trigger LANGUAGE plpgsql AS $fuke$
     BEGIN
@@ -577,14 +575,7 @@ impl Db {
         for r in rows {
             q = bind_row(q, r);
         }
-        for ((scope, period), (cost, count)) in &totals.0 {
-            q = q
-                .bind(scope.as_str())
-                .bind(period.as_str())
-                .bind(*cost)
-                .bind(*count);
-        }
-        q.execute(conn).await.map(|_| ())
+        totals.bind(q).execute(conn).await.map(|_| ())
     }
 
     /// Rows some of which may be present already (SQLite): one transaction, inserts with
@@ -607,15 +598,10 @@ impl Db {
             let mut sql = String::new();
             let mut n = 0;
             self.totals_sql(&mut sql, totals.0.len(), &mut n);
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
-            for ((scope, period), (cost, count)) in &totals.0 {
-                q = q
-                    .bind(scope.as_str())
-                    .bind(period.as_str())
-                    .bind(*cost)
-                    .bind(*count);
-            }
-            q.execute(&mut *tx).await?;
+            totals
+                .bind(sqlx::query(sqlx::AssertSqlSafe(sql.as_str())))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await
     }
@@ -821,6 +807,18 @@ impl Totals {
             t.0 = t.0.saturating_add(cost.unwrap_or(0));
             t.1 += 1;
         }
+    }
+
+    /// Binds the values of [`Db::totals_sql`]'s rows, in order.
+    fn bind<'q>(&'q self, mut q: AnyQuery<'q>) -> AnyQuery<'q> {
+        for ((scope, period), (cost, count)) in &self.0 {
+            q = q
+                .bind(scope.as_str())
+                .bind(period.as_str())
+                .bind(*cost)
+                .bind(*count);
+        }
+        q
     }
 }
 
@@ -1050,9 +1048,7 @@ async fn writer(
                             Ok(()) => return Ok(()),
                             Err(e) => {
                                 tracing::warn!(error = %e, "usage ledger connection failed; retrying on a new one");
-                                if let Some(mut c) = conn.take() {
-                                    c.close_on_drop();
-                                }
+                                discard(&mut conn);
                             }
                         }
                     }
@@ -1062,9 +1058,7 @@ async fn writer(
                 .await;
                 if !matches!(done, Ok(Ok(()))) {
                     // It may be broken, or left mid-transaction by the timeout.
-                    if let Some(mut c) = conn.take() {
-                        c.close_on_drop();
-                    }
+                    discard(&mut conn);
                 }
                 match done {
                     Ok(Ok(())) => true,
@@ -1106,6 +1100,13 @@ async fn writer(
         for job in jobs.drain(..) {
             let _ = job.done.send(());
         }
+    }
+}
+
+/// Closes the writer's connection instead of returning it to the pool.
+fn discard(conn: &mut Option<sqlx::pool::PoolConnection<sqlx::Any>>) {
+    if let Some(mut c) = conn.take() {
+        c.close_on_drop();
     }
 }
 
