@@ -3,7 +3,8 @@
 #  1. the ledger alone: rows/s committed at concurrency 1 (one transaction and fsync per row) and
 #     64 (group commit), SQLite (WAL, synchronous=FULL) and PostgreSQL;
 #  2. the gateway with the ledger off, on SQLite and on PostgreSQL, against the same upstream:
-#     wrk JSON and SSE at concurrency 16 and 64, RPS and p99, and each ratio to "off"; once with
+#     wrk JSON and SSE at concurrency 16 and 64, RPS and p99, each ratio to "off", the gateway's
+#     CPU per request and the machine's idle share; once with
 #     an upstream that answers at once, once with a model that takes 50 ms (`wait-50`).
 #   benches/ledger.sh [seconds per run, default 10]
 # A shorter run while iterating: MODES="json sse" CONCS=64 ALONE=0 benches/ledger.sh 5
@@ -57,6 +58,7 @@ pricing:
 YAML
 target/release/examples/echo_upstream "$UP" >/dev/null & pids+=($!)
 
+declare -A PID
 declare -A ADDR=([off]=127.0.0.1:19201 [sqlite]=127.0.0.1:19202 [postgres]=127.0.0.1:19203)
 declare -A URL=([off]=off [sqlite]="sqlite://$work/gateway.db" [postgres]="$PG_URL")
 for v in off sqlite postgres; do
@@ -70,6 +72,7 @@ ledger:
   spool: $work/$v-spool.jsonl
 YAML
   RUST_LOG=warn target/release/fuke serve -c "$work/$v.yaml" >"$work/$v.log" 2>&1 & pids+=($!)
+  PID[$v]=$!
 done
 for a in $UP ${ADDR[off]} ${ADDR[sqlite]} ${ADDR[postgres]}; do
   for _ in $(seq 100); do curl -s -o /dev/null "http://$a/" && break; sleep 0.1; done
@@ -90,19 +93,36 @@ done
 source benches/wrk.sh
 run() { wrk_chat "$1" "$work/$2.lua" "$3" "$secs"; }
 
+# Where the time went in one run: the gateway's CPU (user + system, all its threads, the SQLite
+# worker included) per request, and the share of the machine left idle (requests waiting on a
+# commit while nothing else can run). Prints "rps p99 cpu_us_per_request idle_percent".
+ticks=$(getconf CLK_TCK)
+gw_cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+idle() { awk '$1 == "cpu" {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+measured() {
+  local v=$1 mode=$2 c=$3 c0 c1 i0 t0 i1 t1 rps p99
+  c0=$(gw_cpu "${PID[$v]}"); read -r i0 t0 < <(idle)
+  read -r rps p99 < <(run "${ADDR[$v]}" "$mode" "$c")
+  c1=$(gw_cpu "${PID[$v]}"); read -r i1 t1 < <(idle)
+  awk -v r="$rps" -v p="$p99" -v c="$((c1 - c0))" -v k="$ticks" -v s="$secs" -v i="$((i1 - i0))" -v t="$((t1 - t0))" \
+    'BEGIN {printf "%s %s %.0f %.0f\n", r, p, c / k * 1e6 / (r * s), 100 * i / t}'
+}
+
 echo
 echo "== the gateway, ledger off / SQLite / PostgreSQL (same upstream, same run)"
-printf '%-5s %-5s %10s %10s %10s %9s %9s %9s %9s %9s\n' mode conc off_rps sqlite_rps pg_rps sqlite/off pg/off off_p99 sqlite_p99 pg_p99
+echo "(cpu: the gateway's CPU µs per request; idle: % of the machine idle during the run)"
+printf '%-5s %-5s %10s %10s %10s %9s %9s %9s %9s %9s %14s %14s\n' mode conc off_rps sqlite_rps pg_rps sqlite/off pg/off off_p99 sqlite_p99 pg_p99 cpu_o/s/p idle_o/s/p
 # json/sse: an upstream that answers at once (the gateway's own cost dominates); json50/sse50:
 # a model that takes 50 ms, as real ones do (and more).
 for mode in ${MODES:-json sse json50 sse50}; do
   for c in ${CONCS:-16 64}; do
-    read -r o_rps o_p99 < <(run "${ADDR[off]}" $mode $c)
-    read -r s_rps s_p99 < <(run "${ADDR[sqlite]}" $mode $c)
-    read -r p_rps p_p99 < <(run "${ADDR[postgres]}" $mode $c)
-    printf '%-5s %-5s %10s %10s %10s %9s %9s %9s %9s %9s\n' "$mode" "$c" "$o_rps" "$s_rps" "$p_rps" \
+    read -r o_rps o_p99 o_cpu o_idle < <(measured off $mode $c)
+    read -r s_rps s_p99 s_cpu s_idle < <(measured sqlite $mode $c)
+    read -r p_rps p_p99 p_cpu p_idle < <(measured postgres $mode $c)
+    printf '%-5s %-5s %10s %10s %10s %9s %9s %9s %9s %9s %14s %14s\n' "$mode" "$c" "$o_rps" "$s_rps" "$p_rps" \
       "$(awk -v a="$s_rps" -v b="$o_rps" 'BEGIN {printf "%.3f", a/b}')" \
-      "$(awk -v a="$p_rps" -v b="$o_rps" 'BEGIN {printf "%.3f", a/b}')" "$o_p99" "$s_p99" "$p_p99"
+      "$(awk -v a="$p_rps" -v b="$o_rps" 'BEGIN {printf "%.3f", a/b}')" "$o_p99" "$s_p99" "$p_p99" \
+      "$o_cpu/$s_cpu/$p_cpu" "$o_idle/$s_idle/$p_idle"
   done
 done
 
