@@ -641,12 +641,17 @@ impl Db {
         sql.push_str(" INTO usage_ledger (");
         sql.push_str(&COLUMNS.join(", "));
         sql.push_str(") VALUES ");
+        self.tuples(sql, rows, COLUMNS.len(), n);
+    }
+
+    /// `(…), (…)`: `rows` tuples of `width` placeholders, numbered after `n`.
+    fn tuples(&self, sql: &mut String, rows: usize, width: usize, n: &mut usize) {
         for i in 0..rows {
             if i > 0 {
                 sql.push_str(", ");
             }
             sql.push('(');
-            for c in 0..COLUMNS.len() {
+            for c in 0..width {
                 if c > 0 {
                     sql.push_str(", ");
                 }
@@ -660,20 +665,7 @@ impl Db {
     /// The running-totals upsert for `pairs` (scope, period) rows.
     fn totals_sql(&self, sql: &mut String, pairs: usize, n: &mut usize) {
         sql.push_str("INSERT INTO usage_totals (scope, period, cost_nanousd, requests) VALUES ");
-        for i in 0..pairs {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            for k in 0..4 {
-                if k > 0 {
-                    sql.push_str(", ");
-                }
-                *n += 1;
-                self.placeholder(sql, *n);
-            }
-            sql.push(')');
-        }
+        self.tuples(sql, pairs, 4, n);
         sql.push_str(
             " ON CONFLICT (scope, period) DO UPDATE SET \
              cost_nanousd = usage_totals.cost_nanousd + excluded.cost_nanousd, \
