@@ -538,6 +538,9 @@ fn ledger_error(e: sqlx::Error) -> Error {
     }
 }
 
+/// How long a usage report waits for one of the reader connections reports may use.
+const REPORT_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// `GET /v1/usage?from=&to=&tenant=&group_by=day|model|key&format=json|csv`: ledger totals.
 /// Finance and admin keys see every tenant; a tenant key sees its own tenant only.
 async fn usage_report<B>(
@@ -606,6 +609,24 @@ async fn usage_report<B>(
     let (from, to) =
         report::range(from.as_deref(), to.as_deref()).map_err(|(param, m)| bad(param, m))?;
     let db = ledger_db(app)?;
+    // Reports take at most `REPORTS_AT_ONCE` of the reader's connections, queueing for a few
+    // seconds when they are taken; budget checks keep the rest.
+    let slot = match app.ledger.get() {
+        Some(r) => r.report_slot(REPORT_QUEUE_WAIT).await,
+        None => None,
+    };
+    let Some(_slot) = slot else {
+        return Err(Error::RateLimited {
+            message: format!(
+                "{} usage reports have been running on this gateway for {}s; retry shortly.",
+                crate::ledger::REPORTS_AT_ONCE,
+                REPORT_QUEUE_WAIT.as_secs()
+            ),
+            retry_after_secs: 2,
+            unit: "requests",
+            limit: None,
+        });
+    };
     let q = report::Query {
         from_ms: from,
         to_ms: to,

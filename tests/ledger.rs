@@ -360,6 +360,126 @@ async fn sqlite_ledger() {
     .await;
 }
 
+/// A SQLite ledger migrated by the builds whose version 3 created a row trigger keeping the
+/// totals (later dropped for SQLite, where the writer sums each batch) counted every row twice
+/// in its totals. Version 4 rebuilds the totals from the rows and drops the trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_sqlite_totals_trigger_is_dropped_and_the_totals_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let db = Db::connect(&url).await.unwrap();
+    // The state those builds left: versions 1-3 applied, the row trigger in place.
+    sqlx::query("DELETE FROM fuke_schema WHERE version > 3")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER usage_ledger_totals AFTER INSERT ON usage_ledger
+        BEGIN
+            INSERT INTO usage_totals (scope, period, cost_nanousd, requests) VALUES
+                ('k:' || NEW.key_id, 'd' || strftime('%Y-%m-%d', NEW.ts_ms / 1000, 'unixepoch'),
+                 COALESCE(NEW.cost_nanousd, 0), 1),
+                ('k:' || NEW.key_id, 'm' || strftime('%Y-%m', NEW.ts_ms / 1000, 'unixepoch'),
+                 COALESCE(NEW.cost_nanousd, 0), 1),
+                ('t:' || NEW.tenant, 'd' || strftime('%Y-%m-%d', NEW.ts_ms / 1000, 'unixepoch'),
+                 COALESCE(NEW.cost_nanousd, 0), 1),
+                ('t:' || NEW.tenant, 'm' || strftime('%Y-%m', NEW.ts_ms / 1000, 'unixepoch'),
+                 COALESCE(NEW.cost_nanousd, 0), 1)
+            ON CONFLICT (scope, period) DO UPDATE SET
+                cost_nanousd = cost_nanousd + excluded.cost_nanousd,
+                requests = requests + excluded.requests;
+        END",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let first: Vec<Row> = (0..12)
+        .map(|i| {
+            let tenant = if i % 3 == 0 { "globex" } else { "acme" };
+            Row::of(&event(
+                i,
+                tenant,
+                "echo-model",
+                Some(usage(100 + i as u64, 7, 0)),
+            ))
+        })
+        .collect();
+    db.insert(&first.iter().collect::<Vec<_>>()).await.unwrap();
+    let acme_requests = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT requests FROM usage_totals WHERE scope = 't:acme' AND period LIKE 'm%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        acme_requests().await,
+        16,
+        "the hazard: 8 rows counted twice"
+    );
+    let spent_before = db
+        .spent(&[(
+            "t:acme".to_string(),
+            fuke::ledger::Period::Month.of(first[1].ts_ms),
+        )])
+        .await
+        .unwrap();
+    db.pool.close().await;
+
+    // The next start applies version 4.
+    let db = Db::connect(&url).await.unwrap();
+    assert_totals_match_rows(&db).await;
+    let spent_after = db
+        .spent(&[(
+            "t:acme".to_string(),
+            fuke::ledger::Period::Month.of(first[1].ts_ms),
+        )])
+        .await
+        .unwrap();
+    assert!(spent_after[0] > 0);
+    assert_eq!(
+        spent_before[0],
+        2 * spent_after[0],
+        "spend was doubled, now exact"
+    );
+    let triggers: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(triggers, 0);
+    // New rows count once.
+    let more: Vec<Row> = (12..20)
+        .map(|i| Row::of(&event(i, "acme", "echo-model", Some(usage(50, 5, 0)))))
+        .collect();
+    db.insert(&more.iter().collect::<Vec<_>>()).await.unwrap();
+    assert_totals_match_rows(&db).await;
+    assert_eq!(count(&db).await, 20);
+
+    // On a ledger without the trigger, version 4 leaves the totals as they are.
+    let before: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT scope, period, cost_nanousd, requests FROM usage_totals ORDER BY 1, 2",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM fuke_schema WHERE version = 4")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.pool.close().await;
+    let db = Db::connect(&url).await.unwrap();
+    let after: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT scope, period, cost_nanousd, requests FROM usage_totals ORDER BY 1, 2",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(!after.is_empty());
+    assert_eq!(before, after);
+}
+
 /// The writer keeps its connection between batches. When the database drops it (a restart,
 /// an operator's `pg_terminate_backend`), the next batch goes again on a new connection and
 /// is committed, not spooled.
@@ -662,6 +782,37 @@ async fn gateway_commits_before_the_last_byte_and_reports_match_metrics() {
         metric(&m, "fuke_tokens_total", "acme"),
         rep.total.total_tokens as u64
     );
+
+    // Reports hold at most two of the reader's connections: a third waits for a slot, and
+    // budget checks (which fail closed without a connection) never wait behind reports.
+    let reader = gw.app.ledger.get().unwrap().clone();
+    let wait = Duration::from_millis(100);
+    let slots = [
+        reader.report_slot(wait).await.unwrap(),
+        reader.report_slot(wait).await.unwrap(),
+    ];
+    assert!(reader.report_slot(wait).await.is_none());
+    let r = post(&c, &gw.url("/v1/chat/completions"), KEY_POOLED, SMALL_CHAT).await;
+    assert_eq!(r.status, StatusCode::OK, "a budgeted request: {}", r.text());
+    let queued = {
+        let (c, url) = (c.clone(), gw.url("/v1/usage"));
+        tokio::spawn(async move { get(&c, &url, Some(KEY_FINANCE)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!queued.is_finished(), "a third report waits for a slot");
+    let [first, second] = slots;
+    drop(first);
+    let r = queued.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // A report that finds no slot for 5 s is a 429 to retry, in OpenAI's shape.
+    let third = reader.report_slot(wait).await.unwrap();
+    let r = get(&c, &gw.url("/v1/usage"), Some(KEY_FINANCE)).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text());
+    assert_eq!(r.openai_error()["code"], "rate_limit_exceeded");
+    assert_eq!(r.headers["retry-after"], "2");
+    drop((second, third));
+    let r = get(&c, &gw.url("/v1/usage"), Some(KEY_FINANCE)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }
 
 use fuke::ledger::report;

@@ -157,10 +157,38 @@ const V3_TOTALS_TRIGGER_POSTGRES: &[&str] = &[
         FOR EACH STATEMENT EXECUTE FUNCTION fuke_usage_totals()",
 ];
 
+/// Version 4, SQLite only: builds between two commits of 2026-11-27 applied a version 3 on
+/// SQLite that created a row trigger, `usage_ledger_totals`, keeping the totals; version 3 was
+/// then emptied for SQLite (the writer sums each batch itself), so a database those builds
+/// migrated kept the trigger and counted every row twice in its totals, and budgets ran out at
+/// half the spend. Where that trigger is present, this rebuilds the totals from the rows (the
+/// rows, and so the bills, were always right) and drops it; elsewhere it changes nothing.
+const V4_DROP_SQLITE_ROW_TRIGGER: &[&str] = &[
+    "DELETE FROM usage_totals WHERE EXISTS
+        (SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'usage_ledger_totals')",
+    "INSERT INTO usage_totals (scope, period, cost_nanousd, requests)
+    SELECT scope, period, SUM(cost), COUNT(*) FROM (
+        SELECT 'k:' || key_id AS scope,
+            'd' || strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch') AS period,
+            COALESCE(cost_nanousd, 0) AS cost FROM usage_ledger
+        UNION ALL SELECT 'k:' || key_id, 'm' || strftime('%Y-%m', ts_ms / 1000, 'unixepoch'),
+            COALESCE(cost_nanousd, 0) FROM usage_ledger
+        UNION ALL SELECT 't:' || tenant, 'd' || strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch'),
+            COALESCE(cost_nanousd, 0) FROM usage_ledger
+        UNION ALL SELECT 't:' || tenant, 'm' || strftime('%Y-%m', ts_ms / 1000, 'unixepoch'),
+            COALESCE(cost_nanousd, 0) FROM usage_ledger
+    )
+    WHERE EXISTS
+        (SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'usage_ledger_totals')
+    GROUP BY scope, period",
+    "DROP TRIGGER IF EXISTS usage_ledger_totals",
+];
+
 const MIGRATIONS: &[Migration] = &[
     (1, V1_LEDGER, V1_LEDGER),
     (2, V2_TOTALS, V2_TOTALS),
     (3, &[], V3_TOTALS_TRIGGER_POSTGRES),
+    (4, V4_DROP_SQLITE_ROW_TRIGGER, &[]),
 ];
 
 /// One ledger row. Also the spool file's line format.
@@ -399,7 +427,7 @@ impl Db {
         }
         let (max, wait) = match role {
             Role::Writer => (1, Duration::from_secs(2)),
-            Role::Reader | Role::ReadOnly => (4, Duration::from_secs(5)),
+            Role::Reader | Role::ReadOnly => (READER_CONNECTIONS, Duration::from_secs(5)),
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max)
@@ -861,20 +889,49 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Reader connections (of [`READER_CONNECTIONS`]) that usage reports may hold at once: the
+/// rest stay free for the budget checks on the request path, which fail closed when they
+/// cannot read the totals, so a burst of wide reports never refuses model traffic.
+pub const REPORTS_AT_ONCE: usize = 2;
+
+/// Connections in the pool of a reader ([`Role::Reader`]).
+const READER_CONNECTIONS: u32 = 4;
+
 /// The ledger's database for reports and budget checks; empty while it has not been reached.
-#[derive(Clone, Default)]
-pub struct Reader(Arc<std::sync::OnceLock<Db>>);
+#[derive(Clone)]
+pub struct Reader {
+    db: Arc<std::sync::OnceLock<Db>>,
+    reports: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Reader {
+    fn default() -> Reader {
+        Reader {
+            db: Arc::default(),
+            reports: Arc::new(tokio::sync::Semaphore::new(REPORTS_AT_ONCE)),
+        }
+    }
+}
 
 impl Reader {
     pub fn db(&self) -> Option<&Db> {
-        self.0.get()
+        self.db.get()
     }
 
     /// A reader already connected (tests, tools).
     pub fn of(db: Db) -> Reader {
         let r = Reader::default();
-        let _ = r.0.set(db);
+        let _ = r.db.set(db);
         r
+    }
+
+    /// A place for one usage report, held while it runs: waits up to `wait` while
+    /// [`REPORTS_AT_ONCE`] reports are running, then `None`.
+    pub async fn report_slot(&self, wait: Duration) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::time::timeout(wait, self.reports.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
     }
 }
 
@@ -947,7 +1004,7 @@ impl Ledger {
 async fn connect_both(url: &str, fsync: bool, reader: &Reader) -> anyhow::Result<Db> {
     let writer = Db::open_with(url, Role::Writer, fsync).await?;
     let readers = Db::open(url, Role::Reader).await?;
-    let _ = reader.0.set(readers);
+    let _ = reader.db.set(readers);
     Ok(writer)
 }
 
