@@ -62,6 +62,7 @@ pub mod error;
 pub mod kb;
 pub mod ledger;
 pub mod limits;
+pub mod logwriter;
 pub mod metering;
 pub mod openai;
 pub mod policy;

@@ -380,14 +380,14 @@ fn keygen(tenant: &str, id: Option<String>, role: &str) -> anyhow::Result<()> {
 
 fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path).map_err(|p| anyhow::anyhow!("{p}"))?;
-    let (log_writer, _log_flush) = telemetry::init_logging(config.log_format == LogFormat::Json);
+    let (log_writer, _log_flush) = telemetry::init_logging(config.log_format == LogFormat::Json)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(serve_async(config, log_writer))
 }
 
 async fn serve_async(
     config: Config,
-    log_writer: tracing_appender::non_blocking::NonBlocking,
+    log_writer: fuke::logwriter::BatchWriter,
 ) -> anyhow::Result<()> {
     let configs = config.local_models.clone();
     let local = tokio::task::spawn_blocking(move || LocalModels::load(&configs)).await?;

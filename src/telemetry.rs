@@ -359,24 +359,16 @@ impl Metrics {
 }
 
 /// Installs the global `tracing` subscriber (`RUST_LOG` filters; default `info`). Lines are
-/// written by a background thread so a request never waits on stderr; the writer blocks rather
-/// than drops when it falls behind (usage lines must not vanish). The writer is returned for the
-/// usage lines too. Keep the guard until exit: it flushes what is queued.
+/// written by a background thread in batches ([`crate::logwriter`]) so a request never waits
+/// on stderr; writers wait rather than drop when it falls behind (usage lines must not
+/// vanish). The writer is returned for the usage lines too. Keep the guard until exit: it
+/// writes what is buffered.
 pub fn init_logging(
     json: bool,
-) -> (
-    tracing_appender::non_blocking::NonBlocking,
-    tracing_appender::non_blocking::WorkerGuard,
-) {
+) -> std::io::Result<(crate::logwriter::BatchWriter, crate::logwriter::FlushGuard)> {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        // Batches: the worker writes what is queued into the buffer, then flushes once.
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = crate::logwriter::BatchWriter::spawn(std::io::stderr())?;
     // llama.cpp logs every model's metadata at info level: its warnings are what an operator needs.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,llama-cpp-2=warn"));
@@ -389,5 +381,5 @@ pub fn init_logging(
     } else {
         builder.try_init()
     };
-    (writer, guard)
+    Ok((writer, guard))
 }
