@@ -521,13 +521,18 @@ async fn check_budgets(
 
 /// The ledger's database for reading, or why there is none.
 fn ledger_db(app: &App) -> Result<&crate::ledger::Db, Error> {
-    let reader = app.ledger.get().ok_or_else(|| Error::LedgerUnavailable {
+    ledger_reader(app)?
+        .db()
+        .ok_or_else(|| Error::LedgerUnavailable {
+            message: "The usage ledger's database cannot be reached; retry shortly.".into(),
+            detail: "not connected yet".into(),
+        })
+}
+
+fn ledger_reader(app: &App) -> Result<&crate::ledger::Reader, Error> {
+    app.ledger.get().ok_or_else(|| Error::LedgerUnavailable {
         message: "The usage ledger is off on this gateway.".into(),
         detail: "ledger.url is `off` in fuke.yaml".into(),
-    })?;
-    reader.db().ok_or_else(|| Error::LedgerUnavailable {
-        message: "The usage ledger's database cannot be reached; retry shortly.".into(),
-        detail: "not connected yet".into(),
     })
 }
 
@@ -611,14 +616,10 @@ async fn usage_report<B>(
     let db = ledger_db(app)?;
     // Reports take at most `REPORTS_AT_ONCE` of the reader's connections, queueing for a few
     // seconds when they are taken; budget checks keep the rest.
-    let slot = match app.ledger.get() {
-        Some(r) => r.report_slot(REPORT_QUEUE_WAIT).await,
-        None => None,
-    };
-    let Some(_slot) = slot else {
+    let Some(_slot) = ledger_reader(app)?.report_slot(REPORT_QUEUE_WAIT).await else {
         return Err(Error::RateLimited {
             message: format!(
-                "{} usage reports have been running on this gateway for {}s; retry shortly.",
+                "{} usage reports are running on this gateway and none finished within {}s; retry shortly.",
                 crate::ledger::REPORTS_AT_ONCE,
                 REPORT_QUEUE_WAIT.as_secs()
             ),

@@ -60,7 +60,7 @@ impl BatchWriter {
         BatchWriter::spawn_with(out, CAP, LINGER)
     }
 
-    pub fn spawn_with<W: Write + Send + 'static>(
+    fn spawn_with<W: Write + Send + 'static>(
         mut out: W,
         cap: usize,
         linger: Duration,

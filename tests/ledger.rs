@@ -179,9 +179,16 @@ async fn count(db: &Db) -> i64 {
         .unwrap()
 }
 
-/// The suite both databases pass.
-/// `usage_totals` (kept by the database's trigger) holds exactly what the rows add up to, per
-/// scope and UTC period as the gateway names them.
+/// Every running total: (scope, period, cost, requests), in key order.
+async fn totals(db: &Db) -> Vec<(String, String, i64, i64)> {
+    sqlx::query_as("SELECT scope, period, cost_nanousd, requests FROM usage_totals ORDER BY 1, 2")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// `usage_totals` (kept by the writer on SQLite, by a trigger on PostgreSQL) holds exactly
+/// what the rows add up to, per scope and UTC period as the gateway names them.
 async fn assert_totals_match_rows(db: &Db) {
     use fuke::ledger::{Period, Scope};
     let mut want: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
@@ -197,13 +204,8 @@ async fn assert_totals_match_rows(db: &Db) {
             t.1 += 1;
         }
     }
-    let got: Vec<(String, String, i64, i64)> = sqlx::query_as(
-        "SELECT scope, period, cost_nanousd, requests FROM usage_totals ORDER BY scope, period",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
-    let got: BTreeMap<(String, String), (i64, i64)> = got
+    let got: BTreeMap<(String, String), (i64, i64)> = totals(db)
+        .await
         .into_iter()
         .map(|(s, p, c, n)| ((s, p), (c, n)))
         .collect();
@@ -211,6 +213,7 @@ async fn assert_totals_match_rows(db: &Db) {
     assert_eq!(got, want, "running totals against the rows");
 }
 
+/// The suite both databases pass.
 async fn suite(url: String) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = LedgerConfig {
@@ -405,38 +408,24 @@ async fn a_stale_sqlite_totals_trigger_is_dropped_and_the_totals_rebuilt() {
         })
         .collect();
     db.insert(&first.iter().collect::<Vec<_>>()).await.unwrap();
-    let acme_requests = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT requests FROM usage_totals WHERE scope = 't:acme' AND period LIKE 'm%'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-    };
-    assert_eq!(
-        acme_requests().await,
-        16,
-        "the hazard: 8 rows counted twice"
-    );
-    let spent_before = db
-        .spent(&[(
-            "t:acme".to_string(),
-            fuke::ledger::Period::Month.of(first[1].ts_ms),
-        )])
-        .await
-        .unwrap();
+    let acme_month = [(
+        "t:acme".to_string(),
+        fuke::ledger::Period::Month.of(first[1].ts_ms),
+    )];
+    let acme_requests: i64 = sqlx::query_scalar(
+        "SELECT requests FROM usage_totals WHERE scope = 't:acme' AND period LIKE 'm%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(acme_requests, 16, "the hazard: 8 rows counted twice");
+    let spent_before = db.spent(&acme_month).await.unwrap();
     db.pool.close().await;
 
     // The next start applies version 4.
     let db = Db::connect(&url).await.unwrap();
     assert_totals_match_rows(&db).await;
-    let spent_after = db
-        .spent(&[(
-            "t:acme".to_string(),
-            fuke::ledger::Period::Month.of(first[1].ts_ms),
-        )])
-        .await
-        .unwrap();
+    let spent_after = db.spent(&acme_month).await.unwrap();
     assert!(spent_after[0] > 0);
     assert_eq!(
         spent_before[0],
@@ -458,24 +447,14 @@ async fn a_stale_sqlite_totals_trigger_is_dropped_and_the_totals_rebuilt() {
     assert_eq!(count(&db).await, 20);
 
     // On a ledger without the trigger, version 4 leaves the totals as they are.
-    let before: Vec<(String, String, i64, i64)> = sqlx::query_as(
-        "SELECT scope, period, cost_nanousd, requests FROM usage_totals ORDER BY 1, 2",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let before = totals(&db).await;
     sqlx::query("DELETE FROM fuke_schema WHERE version = 4")
         .execute(&db.pool)
         .await
         .unwrap();
     db.pool.close().await;
     let db = Db::connect(&url).await.unwrap();
-    let after: Vec<(String, String, i64, i64)> = sqlx::query_as(
-        "SELECT scope, period, cost_nanousd, requests FROM usage_totals ORDER BY 1, 2",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let after = totals(&db).await;
     assert!(!after.is_empty());
     assert_eq!(before, after);
 }
