@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
             tasks.push(tokio::spawn(async move {
                 for i in 0..n {
                     let ev = UsageEvent {
-                        request_id: format!("req_{w}_{i}"),
+                        request_id: format!("req_{w}_{i}").into(),
                         tenant: "bench".into(),
                         key_id: "bench-key".into(),
                         endpoint: Endpoint::ChatCompletions,

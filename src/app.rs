@@ -10,11 +10,6 @@ use futures_util::FutureExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use std::panic::AssertUnwindSafe;
-use tower::ServiceBuilder;
-use tower::util::BoxCloneService;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
 
 use crate::auth;
 use crate::body::{self, Body};
@@ -63,8 +58,6 @@ pub struct App {
     pub ledger: std::sync::OnceLock<crate::ledger::Reader>,
     shutting_down: AtomicBool,
 }
-
-pub type HttpService = BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
 
 impl App {
     pub fn new(
@@ -181,43 +174,73 @@ impl UsageSink for TokenDebit {
     }
 }
 
-/// The gateway's HTTP service, outermost layer first.
-pub fn service(app: Arc<App>) -> HttpService {
-    let svc = ServiceBuilder::new()
-        // Every response, even a panic's, carries x-request-id (the caller's, or a new `req_<hex>`).
-        .layer(SetRequestIdLayer::x_request_id(NewRequestId))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        // A bug in one request becomes a 500 for that request, not a dead connection. Done
-        // here rather than with tower-http's CatchPanicLayer, which re-boxes every response
-        // body (two extra dynamic calls per SSE frame).
-        .service_fn(move |req| {
-            let app = app.clone();
-            async move {
-                let resp = AssertUnwindSafe(handle(app, req))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|_panic| {
-                        Error::Internal("handler panicked".into()).into_response()
-                    });
-                Ok::<_, Infallible>(resp)
+/// The gateway's HTTP service: request id, then the panic guard, then [`handle`]. Written as
+/// one tower service rather than a stack of tower-http layers: each layer added a future wrapper, a boxed clone
+/// of the stack per request and a move of the handler's (large) future; together about 3 % of
+/// the gateway's CPU under load (BENCHMARKS.md, "Load", run 6).
+#[derive(Clone)]
+pub struct Gateway {
+    app: Arc<App>,
+}
+
+/// The service a connection serves.
+pub fn service(app: Arc<App>) -> Gateway {
+    Gateway { app }
+}
+
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+type ResponseFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl tower::Service<Request<Incoming>> for Gateway {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        // Every response, even a panic's, carries x-request-id: the caller's, or a new
+        // `req_<hex>` that the request carries on from here.
+        let id = match req.headers().get(X_REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = new_request_id();
+                req.headers_mut().insert(X_REQUEST_ID, id.clone());
+                id
             }
-        });
-    BoxCloneService::new(svc)
+        };
+        let app = self.app.clone();
+        Box::pin(async move {
+            // A bug in one request becomes a 500 for that request, not a dead connection.
+            let mut resp = AssertUnwindSafe(handle(app, req))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_panic| {
+                    Error::Internal("handler panicked".into()).into_response()
+                });
+            if !resp.headers().contains_key(X_REQUEST_ID) {
+                resp.headers_mut().insert(X_REQUEST_ID, id);
+            }
+            Ok(resp)
+        })
+    }
 }
 
 /// Request ids in OpenAI's style, `req_` and 32 hex digits, built without formatting machinery
 /// (one per request): 48 bits of milliseconds, then 80 random bits, so the ledger's index on
 /// request ids grows at its end instead of taking writes all over (BENCHMARKS.md, "Usage
 /// ledger").
-#[derive(Clone, Copy)]
-struct NewRequestId;
-
-impl MakeRequestId for NewRequestId {
-    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
-        let mut id = *b"req_00000000000000000000000000000000";
-        hex::encode_to_slice(crate::ledger::time_ordered_id(), &mut id[4..]).ok()?;
-        HeaderValue::from_bytes(&id).ok().map(RequestId::new)
-    }
+fn new_request_id() -> HeaderValue {
+    let mut id = *b"req_00000000000000000000000000000000";
+    let _ = hex::encode_to_slice(crate::ledger::time_ordered_id(), &mut id[4..]);
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("req_0"))
 }
 
 /// What the metrics say about one request.
@@ -225,6 +248,8 @@ struct Labels {
     tenant: Option<Arc<str>>,
     model: Option<Arc<str>>,
     endpoint: &'static str,
+    /// Set for the model endpoints.
+    model_endpoint: Option<Endpoint>,
 }
 
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
@@ -234,6 +259,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         tenant: None,
         model: None,
         endpoint: "other",
+        model_endpoint: None,
     };
     let trace = app
         .tracing
@@ -256,6 +282,15 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         }
     }
     app.metrics.in_flight.dec();
+    let secs = started.elapsed().as_secs_f64();
+    if let (Some(tenant), Some(model), Some(endpoint)) =
+        (&labels.tenant, &labels.model, labels.model_endpoint)
+    {
+        let m = app.metrics.of(tenant, model);
+        app.metrics
+            .answered(&m, endpoint, resp.status().as_u16(), secs);
+        return resp;
+    }
     let none = || Label(Arc::from("-"));
     let tenant = labels.tenant.as_ref().map_or_else(none, Label::from);
     let model = labels.model.as_ref().map_or_else(none, Label::from);
@@ -266,7 +301,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             model: model.clone(),
             endpoint: labels.endpoint,
         })
-        .observe(started.elapsed().as_secs_f64());
+        .observe(secs);
     app.metrics
         .requests
         .get_or_create(&RequestLabels {
@@ -349,6 +384,7 @@ async fn dispatch(
             path,
         });
     }
+    labels.model_endpoint = endpoint;
     labels.endpoint = match endpoint {
         Some(e) => e.as_str(),
         None if is_admin => "admin",

@@ -35,13 +35,13 @@ impl Outcome {
 
 #[derive(Debug, Clone)]
 pub struct UsageEvent {
-    pub request_id: String,
+    pub request_id: Arc<str>,
     pub tenant: Arc<str>,
     pub key_id: Arc<str>,
     pub endpoint: Endpoint,
     pub model_alias: Arc<str>,
-    pub upstream_model: String,
-    pub backend: String,
+    pub upstream_model: Arc<str>,
+    pub backend: Arc<str>,
     /// The upstream's own counts; `None` when it reported none (never estimated).
     pub usage: Option<Usage>,
     pub status: u16,

@@ -38,13 +38,13 @@ const MAX_JSON_ANSWER: usize = 64 << 20;
 pub struct Meter {
     pub sink: Arc<dyn UsageSink>,
     pub metrics: Arc<Metrics>,
-    pub request_id: String,
+    pub request_id: Arc<str>,
     pub tenant: Arc<str>,
     pub key_id: Arc<str>,
     pub endpoint: Endpoint,
     pub model_alias: Arc<str>,
-    pub upstream_model: String,
-    pub backend: String,
+    pub upstream_model: Arc<str>,
+    pub backend: Arc<str>,
     pub started: std::time::Instant,
     pub streamed: bool,
     /// Why earlier candidates did not serve (`timeout,breaker_open`), if any did not.
@@ -260,7 +260,7 @@ pub async fn relay(
                 Ok(None) => {}
                 Err(crate::rules::Unreadable) => {
                     let e = Error::UpstreamProtocol {
-                        upstream: meter.backend.clone(),
+                        upstream: meter.backend.to_string(),
                         detail: "the answer could not be read to apply response rules".into(),
                     };
                     meter.record(None, 502, Outcome::UpstreamFailed).await;
@@ -306,7 +306,7 @@ async fn read_answer(
             let frame = tokio::time::timeout_at(wait, body.frame())
                 .await
                 .map_err(|_| Error::UpstreamTimeout {
-                    upstream: meter.backend.clone(),
+                    upstream: meter.backend.to_string(),
                     after_ms: idle.as_millis() as u64,
                 })?;
             let frame = match frame {
@@ -314,7 +314,7 @@ async fn read_answer(
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => {
                     return Err(Error::UpstreamProtocol {
-                        upstream: meter.backend.clone(),
+                        upstream: meter.backend.to_string(),
                         detail: format!("reading answer: {e}"),
                     });
                 }
@@ -322,7 +322,7 @@ async fn read_answer(
             if let Ok(data) = frame.into_data() {
                 if buf.len() + data.len() > MAX_JSON_ANSWER {
                     return Err(Error::UpstreamProtocol {
-                        upstream: meter.backend.clone(),
+                        upstream: meter.backend.to_string(),
                         detail: format!("answer larger than {MAX_JSON_ANSWER} bytes"),
                     });
                 }
@@ -500,7 +500,7 @@ impl SseRelay {
         let backend = self
             .meter
             .as_ref()
-            .map(|m| m.backend.clone())
+            .map(|m| m.backend.to_string())
             .unwrap_or_default();
         let error = Error::UpstreamProtocol {
             upstream: backend,

@@ -1,8 +1,11 @@
 //! Logs (`tracing`) and Prometheus metrics.
 
+use std::cell::{OnceCell, RefCell};
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -13,6 +16,7 @@ use prometheus_client::registry::Registry;
 
 use crate::cache::CacheUse;
 use crate::metering::UsageEvent;
+use crate::openai::Endpoint;
 
 /// A label value shared by reference count: labelling a request clones no strings.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -47,7 +51,7 @@ pub struct LatencyLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
-    pub upstream: String,
+    pub upstream: Label,
     pub status: u16,
 }
 
@@ -99,6 +103,37 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Most (metrics, tenant, model) handles a worker thread keeps.
+const MAX_CACHED_HANDLES: usize = 4096;
+
+thread_local! {
+    static HANDLES: RefCell<HashMap<(u64, usize, usize), Rc<RequestMetrics>>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Handles of the metrics of one tenant's requests to one model alias ([`Metrics::of`]). The
+/// counters are the families' own: what a scrape reads is the same either way.
+pub struct RequestMetrics {
+    tenant: Label,
+    model: Label,
+    usage_events: Counter,
+    cost: OnceCell<Counter>,
+    prompt_tokens: OnceCell<Counter>,
+    completion_tokens: OnceCell<Counter>,
+    /// By endpoint: time until response headers, and requests answered 200.
+    latency: [OnceCell<Histogram>; 4],
+    answered: [OnceCell<Counter>; 4],
+}
+
+impl RequestMetrics {
+    fn tenant_model(&self) -> TenantModelLabels {
+        TenantModelLabels {
+            tenant: self.tenant.clone(),
+            model: self.model.clone(),
+        }
+    }
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn overhead_histogram() -> Histogram {
@@ -112,6 +147,8 @@ fn latency_histogram() -> Histogram {
 }
 
 pub struct Metrics {
+    /// Tells this instance's handles apart in the per-thread cache ([`Metrics::of`]).
+    id: u64,
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: HistogramFamily<LatencyLabels>,
@@ -132,6 +169,8 @@ pub struct Metrics {
     pub policy_version: Gauge,
     pub tls_reloads: Family<ResultLabels, Counter>,
     pub in_flight: Gauge<i64, AtomicI64>,
+    /// `overhead`'s histograms by endpoint, found once.
+    overhead_of: [std::sync::OnceLock<Histogram>; 4],
 }
 
 impl Default for Metrics {
@@ -252,7 +291,9 @@ impl Metrics {
             "Requests being served",
             in_flight.clone(),
         );
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Metrics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,
             latency,
@@ -271,7 +312,49 @@ impl Metrics {
             policy_version,
             tls_reloads,
             in_flight,
+            overhead_of: Default::default(),
         }
+    }
+
+    /// The metrics of `tenant`'s requests to `model`, resolved once per worker thread: every
+    /// model request updates six of them, and finding each in its family costs a hash of the
+    /// label set and a lock shared by all threads.
+    pub fn of(&self, tenant: &Arc<str>, model: &Arc<str>) -> Rc<RequestMetrics> {
+        // Keyed by the strings' addresses: the entry holds both strings, so neither address
+        // can be reused for another string while the entry lives.
+        let key = (
+            self.id,
+            Arc::as_ptr(tenant) as *const u8 as usize,
+            Arc::as_ptr(model) as *const u8 as usize,
+        );
+        HANDLES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some(m) = cache.get(&key) {
+                return m.clone();
+            }
+            // Each policy reload brings new strings: start over rather than grow.
+            if cache.len() >= MAX_CACHED_HANDLES {
+                cache.clear();
+            }
+            let m = Rc::new(RequestMetrics {
+                tenant: Label(tenant.clone()),
+                model: Label(model.clone()),
+                usage_events: self
+                    .usage_events
+                    .get_or_create(&TenantModelLabels {
+                        tenant: Label(tenant.clone()),
+                        model: Label(model.clone()),
+                    })
+                    .clone(),
+                cost: OnceCell::new(),
+                prompt_tokens: OnceCell::new(),
+                completion_tokens: OnceCell::new(),
+                latency: Default::default(),
+                answered: Default::default(),
+            });
+            cache.insert(key, m.clone());
+            m
+        })
     }
 
     /// Token counters from one usage event (whatever sink stores the event).
@@ -316,15 +399,14 @@ impl Metrics {
                 })
                 .inc_by(saved.total_tokens);
         }
-        let labels = TenantModelLabels {
-            tenant: Label::from(&ev.tenant),
-            model: Label::from(&ev.model_alias),
-        };
-        self.usage_events.get_or_create(&labels).inc();
+        let m = self.of(&ev.tenant, &ev.model_alias);
+        m.usage_events.inc();
         if let Some((nanos, _)) = ev.cost()
             && nanos > 0
         {
-            self.cost.get_or_create(&labels).inc_by(nanos as u64);
+            m.cost
+                .get_or_init(|| self.cost.get_or_create(&m.tenant_model()).clone())
+                .inc_by(nanos as u64);
         }
         if ev.usage.is_none() && ev.status < 400 {
             self.usage_missing.inc();
@@ -334,19 +416,62 @@ impl Metrics {
         if source == crate::metering::UsageSource::None {
             return;
         }
-        for (kind, n) in [
-            ("prompt", usage.prompt_tokens),
-            ("completion", usage.completion_tokens),
+        for (kind, n, cell) in [
+            ("prompt", usage.prompt_tokens, &m.prompt_tokens),
+            ("completion", usage.completion_tokens, &m.completion_tokens),
         ] {
             if n > 0 {
-                self.tokens
-                    .get_or_create(&TokenLabels {
-                        tenant: Label::from(&ev.tenant),
-                        model: Label::from(&ev.model_alias),
-                        kind,
-                    })
-                    .inc_by(n);
+                cell.get_or_init(|| {
+                    self.tokens
+                        .get_or_create(&TokenLabels {
+                            tenant: m.tenant.clone(),
+                            model: m.model.clone(),
+                            kind,
+                        })
+                        .clone()
+                })
+                .inc_by(n);
             }
+        }
+    }
+
+    /// The gateway's own time on `endpoint`'s requests.
+    pub fn overhead(&self, endpoint: Endpoint) -> &Histogram {
+        self.overhead_of[endpoint as usize].get_or_init(|| {
+            self.overhead
+                .get_or_create(&EndpointLabel {
+                    endpoint: endpoint.as_str(),
+                })
+                .clone()
+        })
+    }
+
+    /// Counts a finished model request and observes its time until response headers.
+    pub fn answered(&self, m: &RequestMetrics, endpoint: Endpoint, status: u16, secs: f64) {
+        let i = endpoint as usize;
+        m.latency[i]
+            .get_or_init(|| {
+                self.latency
+                    .get_or_create(&LatencyLabels {
+                        tenant: m.tenant.clone(),
+                        model: m.model.clone(),
+                        endpoint: endpoint.as_str(),
+                    })
+                    .clone()
+            })
+            .observe(secs);
+        let labels = || RequestLabels {
+            tenant: m.tenant.clone(),
+            model: m.model.clone(),
+            endpoint: endpoint.as_str(),
+            status,
+        };
+        if status == 200 {
+            m.answered[i]
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                .inc();
+        } else {
+            self.requests.get_or_create(&labels()).inc();
         }
     }
 

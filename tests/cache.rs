@@ -212,7 +212,7 @@ async fn exact_hit_replays_the_answer_with_a_fresh_id_and_meters_a_hit() {
     assert_eq!(polite.headers["x-fuke-cache-similarity"], "1.0000");
 
     let ev = env.gw.usage_of(&second).await;
-    assert_eq!(ev.backend, "cache");
+    assert_eq!(&*ev.backend, "cache");
     assert_eq!(ev.usage.unwrap().total_tokens, 0, "no model ran");
     match ev.cache {
         CacheUse::Hit {

@@ -94,7 +94,7 @@ fn pricing() -> Arc<Pricing> {
 
 fn event(i: usize, tenant: &str, model: &str, usage: Option<Usage>) -> UsageEvent {
     UsageEvent {
-        request_id: format!("req-{i}"),
+        request_id: format!("req-{i}").into(),
         tenant: tenant.into(),
         key_id: format!("{tenant}-key").into(),
         endpoint: Endpoint::ChatCompletions,
@@ -258,7 +258,7 @@ async fn suite(url: String) {
     assert_eq!(stored.len(), 60);
     let by_id: HashMap<&str, &Row> = stored.iter().map(|r| (r.request_id.as_str(), r)).collect();
     for e in &events {
-        let r = by_id[e.request_id.as_str()];
+        let r = by_id[&*e.request_id];
         let want = Row {
             id: r.id.clone(),
             ..Row::of(e)

@@ -202,7 +202,7 @@ async fn deterministic_answer_is_stable_and_stream_agrees_with_json() {
     let event = gw.usage_of(&s).await;
     assert_eq!(event.usage.map(|u| u.prompt_tokens), Some(p));
     assert_eq!(event.usage.map(|u| u.completion_tokens), Some(c));
-    assert_eq!(event.backend, "local:solo");
+    assert_eq!(&*event.backend, "local:solo");
 }
 
 #[tokio::test]

@@ -44,7 +44,7 @@ async fn json_request_and_answer_pass_through_byte_for_byte() {
     assert_eq!(&*ev.tenant, "acme");
     assert_eq!(&*ev.key_id, "acme-key");
     assert_eq!(&*ev.model_alias, "gpt-test");
-    assert_eq!(ev.upstream_model, "echo-model");
+    assert_eq!(&*ev.upstream_model, "echo-model");
     assert_eq!(ev.status, 200);
     assert!(!ev.streamed);
     let usage = ev.usage.expect("usage recorded");

@@ -158,8 +158,8 @@ async fn slow_remote_falls_back_to_local_and_is_cancelled() {
     })
     .await;
     let ev = gw.usage_of(&r).await;
-    assert_eq!(ev.backend, "local:smol");
-    assert_eq!(ev.upstream_model, "smol");
+    assert_eq!(&*ev.backend, "local:smol");
+    assert_eq!(&*ev.upstream_model, "smol");
     assert_eq!(ev.fallback.as_deref(), Some("timeout"));
     assert_eq!(ev.outcome, Outcome::Completed);
     let usage = ev.usage.expect("the local model's exact usage");
@@ -332,7 +332,7 @@ async fn a_break_after_bytes_were_sent_ends_the_stream_without_splicing() {
     assert!(!body.contains("[DONE]"));
     let ev = gw.usage_of(&r).await;
     assert_eq!(ev.outcome, Outcome::UpstreamFailed);
-    assert_eq!(ev.backend, "test");
+    assert_eq!(&*ev.backend, "test");
     assert_eq!(
         ev.streamed_chunks, 2,
         "what the client received is recorded"

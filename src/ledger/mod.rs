@@ -263,7 +263,7 @@ impl Row {
         };
         Row {
             id: hex::encode(time_ordered_id()),
-            request_id: ev.request_id.clone(),
+            request_id: ev.request_id.to_string(),
             ts_ms: ev
                 .finished_at
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -272,8 +272,8 @@ impl Row {
             key_id: ev.key_id.to_string(),
             endpoint: ev.endpoint.as_str().to_string(),
             model: ev.model_alias.to_string(),
-            served_model: ev.upstream_model.clone(),
-            backend: ev.backend.clone(),
+            served_model: ev.upstream_model.to_string(),
+            backend: ev.backend.to_string(),
             prompt_tokens: int(usage.prompt_tokens),
             completion_tokens: int(usage.completion_tokens),
             cached_tokens: int(usage.cached_tokens()),

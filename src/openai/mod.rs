@@ -360,12 +360,12 @@ impl<'a> JsonRequest<'a> {
                 out.put_u8(b',');
             }
             first = false;
-            // Keys came out of JSON; re-escaping them is exact for every valid key.
-            out.put_slice(&serde_json::to_vec(key).unwrap_or_default());
+            put_json_string(out, key);
             out.put_u8(b':');
             out.put_slice(value);
         };
-        let model_json = serde_json::to_vec(upstream_model).unwrap_or_default();
+        let mut model_json = BytesMut::new();
+        put_json_string(&mut model_json, upstream_model);
         let mut saw_stream_options = false;
         let mut saw_stream = false;
         for (key, raw) in &self.fields {
@@ -390,6 +390,19 @@ impl<'a> JsonRequest<'a> {
         }
         out.put_u8(b'}');
         out.freeze()
+    }
+}
+
+/// `s` as a JSON string. Keys came out of JSON and model names out of the policy; re-escaping
+/// is exact for every string, and the common case (nothing to escape) copies it as it is.
+fn put_json_string(out: &mut BytesMut, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.put_u8(b'"');
+        out.put_slice(s.as_bytes());
+        out.put_u8(b'"');
+    } else {
+        out.put_slice(&serde_json::to_vec(s).unwrap_or_default());
     }
 }
 

@@ -718,8 +718,9 @@ fn validate_candidate(
     let health = backends.health.entry(backend.name(), &model, settings);
     Some(Candidate {
         name: name.into(),
+        backend_name: backend.name().into(),
         backend,
-        model,
+        model: model.into(),
         tier: 0,
         weight: c.weight.unwrap_or(1),
         first_token_timeout: match c.first_token_timeout_ms {

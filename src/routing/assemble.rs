@@ -79,7 +79,7 @@ pub async fn json(
             .record(answer.usage, 502, Outcome::UpstreamFailed)
             .await;
         return Err(Error::UpstreamProtocol {
-            upstream: meter.backend.clone(),
+            upstream: meter.backend.to_string(),
             detail,
         });
     }

@@ -50,7 +50,9 @@ pub struct Candidate {
     pub name: Arc<str>,
     pub backend: Arc<dyn Backend>,
     /// The model name the backend knows.
-    pub model: String,
+    pub model: Arc<str>,
+    /// The backend's name, shared by the metrics and usage events of every call.
+    pub backend_name: Arc<str>,
     pub tier: u32,
     pub weight: u32,
     /// Abandon the candidate when no content token came within this (not applied to the last
@@ -261,8 +263,8 @@ pub async fn serve_cached(call: &Call<'_>, answer: &Answer, used: CacheUse) -> R
     });
     let answer = redacted.as_ref().unwrap_or(answer);
     let mut resp = cache::replay(answer, call.stream, call.include_usage);
-    meter.backend = "cache".to_string();
-    meter.upstream_model = answer.model.clone();
+    meter.backend = Arc::from("cache");
+    meter.upstream_model = Arc::from(answer.model.as_str());
     meter.cache = used;
     meter.chunks = if call.stream { 3 } else { 0 };
     meter
@@ -276,10 +278,7 @@ pub async fn serve_cached(call: &Call<'_>, answer: &Answer, used: CacheUse) -> R
 fn report_overhead(call: &Call<'_>, resp: &mut Response<Body>, overhead: Duration) {
     call.app
         .metrics
-        .overhead
-        .get_or_create(&crate::telemetry::EndpointLabel {
-            endpoint: call.endpoint.as_str(),
-        })
+        .overhead(call.endpoint)
         .observe(overhead.as_secs_f64());
     let us = overhead.as_micros();
     if let Ok(v) = HeaderValue::from_str(&format!("{}.{:03}", us / 1000, us % 1000)) {
@@ -576,7 +575,7 @@ fn count_attempt(app: &App, cand: &Candidate, result: &Result<BackendResponse, E
     app.metrics
         .upstream_responses
         .get_or_create(&UpstreamLabels {
-            upstream: cand.backend.name().to_string(),
+            upstream: Label(cand.backend_name.clone()),
             status,
         })
         .inc();
@@ -604,13 +603,13 @@ fn meter(
     Meter {
         sink: call.app.sink.clone(),
         metrics: call.app.metrics.clone(),
-        request_id: String::from_utf8_lossy(call.request_id.as_bytes()).into_owned(),
+        request_id: Arc::from(String::from_utf8_lossy(call.request_id.as_bytes())),
         tenant: call.principal.tenant.clone(),
         key_id: call.principal.key_id.clone(),
         endpoint: call.endpoint,
         model_alias: call.route.alias.clone(),
-        upstream_model: cand.map_or_else(String::new, |c| c.model.clone()),
-        backend: cand.map_or_else(|| "-".to_string(), |c| c.backend.name().to_string()),
+        upstream_model: cand.map_or_else(|| Arc::from(""), |c| c.model.clone()),
+        backend: cand.map_or_else(|| Arc::from("-"), |c| c.backend_name.clone()),
         started: call.started,
         streamed: call.stream,
         fallback: reasons(skipped).map(Arc::from),

@@ -52,7 +52,7 @@ impl CollectingSink {
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|e| e.request_id == request_id)
+                .find(|e| &*e.request_id == request_id)
             {
                 return e.clone();
             }
