@@ -16,20 +16,25 @@ pub const MAX_JSON_DEPTH: usize = 128;
 
 /// Whether `json` nests arrays/objects deeper than `max` (strings are skipped correctly).
 fn nests_deeper_than(json: &[u8], max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in json {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = json.get(i) {
         match b {
-            b'"' => in_string = true,
+            // Strings hold most of a request's bytes: jump from quote or backslash to the next.
+            b'"' => {
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', json.get(i..).unwrap_or_default()) {
+                        None => return false,
+                        Some(j) if json[i + j] == b'\\' => i += j + 2,
+                        Some(j) => {
+                            i += j + 1;
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {
@@ -39,6 +44,7 @@ fn nests_deeper_than(json: &[u8], max: usize) -> bool {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     false
 }
@@ -542,6 +548,61 @@ impl<'a> ModelObject<'a> {
 
 #[cfg(test)]
 mod tests {
+    /// The byte-at-a-time definition [`nests_deeper_than`] must agree with.
+    fn nests_deeper_than_bytewise(json: &[u8], max: usize) -> bool {
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for &b in json {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > max {
+                        return true;
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn depth_scan_agrees_with_the_bytewise_definition() {
+        const ALPHABET: &[u8] = b"\"\\[]{}a:,";
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..200_000 {
+            let len = (next() % 24) as usize;
+            let json: Vec<u8> = (0..len)
+                .map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize])
+                .collect();
+            for max in [0, 1, 2, 3] {
+                assert_eq!(
+                    nests_deeper_than(&json, max),
+                    nests_deeper_than_bytewise(&json, max),
+                    "{:?} max {max}",
+                    String::from_utf8_lossy(&json)
+                );
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -280,10 +280,25 @@ fn report_overhead(call: &Call<'_>, resp: &mut Response<Body>, overhead: Duratio
         .metrics
         .overhead(call.endpoint)
         .observe(overhead.as_secs_f64());
-    let us = overhead.as_micros();
-    if let Ok(v) = HeaderValue::from_str(&format!("{}.{:03}", us / 1000, us % 1000)) {
-        resp.headers_mut().insert(X_FUKE_OVERHEAD_MS, v);
-    }
+    resp.headers_mut()
+        .insert(X_FUKE_OVERHEAD_MS, millis_header(overhead));
+}
+
+/// `d` in milliseconds with three decimals (`0.042`), written without formatting machinery.
+fn millis_header(d: Duration) -> HeaderValue {
+    let us = d.as_micros();
+    let mut buf = itoa::Buffer::new();
+    let ms = buf.format(us / 1000);
+    let mut out = [0u8; 48];
+    out[..ms.len()].copy_from_slice(ms.as_bytes());
+    let frac = (us % 1000) as u16;
+    out[ms.len()..ms.len() + 4].copy_from_slice(&[
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
+    HeaderValue::from_bytes(&out[..ms.len() + 4]).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// The stage spans of one attempt, when tracing is on.
@@ -705,4 +720,23 @@ async fn commit(
     };
     label(&mut out, Some(cand), skipped);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overhead_header_has_three_decimals() {
+        for (us, want) in [
+            (0, "0.000"),
+            (42, "0.042"),
+            (1_000, "1.000"),
+            (12_345, "12.345"),
+            (999_999_999, "999999.999"),
+        ] {
+            assert_eq!(millis_header(Duration::from_micros(us)), want);
+        }
+        assert_eq!(millis_header(Duration::from_nanos(1_999)), "0.001");
+    }
 }
