@@ -174,10 +174,11 @@ impl UsageSink for TokenDebit {
     }
 }
 
-/// The gateway's HTTP service: request id, then the panic guard, then [`handle`]. Written as
-/// one tower service rather than a stack of tower-http layers: each layer added a future wrapper, a boxed clone
-/// of the stack per request and a move of the handler's (large) future; together about 3 % of
-/// the gateway's CPU under load (BENCHMARKS.md, "Load", run 6).
+/// The gateway's HTTP service: request id, then the panic guard, then [`handle`]. One tower
+/// service rather than a stack of tower-http layers: each layer added a future wrapper, and the
+/// stack was cloned into a new box per request and moved the handler's (large) future again;
+/// `perf` put about 3 % of the gateway's samples there under load (BENCHMARKS.md, "Load",
+/// run 6).
 #[derive(Clone)]
 pub struct Gateway {
     app: Arc<App>,
