@@ -2,12 +2,9 @@
 //! `data: [DONE]` by scanning, without parsing ordinary events. Frames that hold only whole events
 //! leave as the very `Bytes` they arrived in; only an event split across frames is copied once.
 
-use std::borrow::Cow;
-
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
-use serde_json::value::RawValue;
 
 use crate::openai::Usage;
 
@@ -216,59 +213,6 @@ pub fn has_output(event: &[u8]) -> Result<bool, String> {
     if data == b"[DONE]" {
         return Ok(true);
     }
-    // An object (every real event): read only the members asked about, as raw JSON.
-    if let Some(event) = crate::openai::object_members(data) {
-        return has_output_raw(&event);
-    }
-    has_output_value(data)
-}
-
-/// [`has_output`] for an event that is a JSON object, without building a `Value` tree (about
-/// 6 % of a streamed request's instructions when it did).
-fn has_output_raw(event: &[(Cow<'_, str>, &RawValue)]) -> Result<bool, String> {
-    use crate::openai::{last_member, object_members};
-    fn text(v: &RawValue) -> &str {
-        v.get().trim_ascii()
-    }
-    if last_member(event, "error").is_some_and(|e| text(e) != "null") {
-        return Err("error event before the first token".into());
-    }
-    // A string, array or object with something in it.
-    let non_empty = |v: Option<&RawValue>| {
-        v.is_some_and(|v| {
-            let v = text(v).as_bytes();
-            match v.first() {
-                Some(b'"') => v != b"\"\"",
-                Some(b'[') => v[1..].trim_ascii_start().first() != Some(&b']'),
-                Some(b'{') => true,
-                _ => false,
-            }
-        })
-    };
-    let Some(choices) = last_member(event, "choices")
-        .and_then(|c| serde_json::from_str::<Vec<&RawValue>>(c.get()).ok())
-    else {
-        return Ok(false);
-    };
-    Ok(choices.iter().any(|c| {
-        let Some(c) = object_members(c.get().as_bytes()) else {
-            return false;
-        };
-        let delta = last_member(&c, "delta").and_then(|d| object_members(d.get().as_bytes()));
-        let d = |k: &str| delta.as_deref().and_then(|d| last_member(d, k));
-        non_empty(d("content"))
-            || non_empty(d("tool_calls"))
-            || non_empty(d("function_call"))
-            || non_empty(d("refusal"))
-            || non_empty(d("reasoning_content"))
-            || non_empty(d("reasoning"))
-            || non_empty(last_member(&c, "text"))
-            || last_member(&c, "finish_reason").is_some_and(|f| text(f) != "null")
-    }))
-}
-
-/// [`has_output`] by way of a `Value` tree: for what is not a JSON object.
-fn has_output_value(data: &[u8]) -> Result<bool, String> {
     let v = serde_json::from_slice::<serde_json::Value>(data)
         .map_err(|e| format!("invalid JSON in SSE event: {e}"))?;
     if v.get("error").is_some_and(|e| !e.is_null()) {
@@ -454,72 +398,6 @@ mod tests {
         assert_eq!(split_event(b"data: a\n\ndata: b"), Some((8, 9)));
         assert_eq!(split_event(b"data: a\r\n\r\ndata: b"), Some((9, 11)));
         assert_eq!(split_event(b"data: a\n"), None);
-    }
-
-    #[test]
-    fn output_check_agrees_with_the_value_tree() {
-        const CHOICES: &[&str] = &[
-            r#"{"delta":{"role":"assistant"}}"#,
-            r#"{"delta":{"content":""}}"#,
-            r#"{"delta":{"content":"Hi"}}"#,
-            r#"{"delta":{"content":null,"tool_calls":[]}}"#,
-            r#"{"delta":{"tool_calls":[ {"id":"x"} ]}}"#,
-            r#"{"delta":{"function_call":{}}}"#,
-            r#"{"delta":{"refusal":"no"},"delta":{"refusal":""}}"#,
-            r#"{"delta":{"reasoning_content":" "}}"#,
-            r#"{"delta":{"reasoning":[ ]}}"#,
-            r#"{"delta":{"cont\u0065nt":"x"}}"#,
-            r#"{"text":"x"}"#,
-            r#"{"text":""}"#,
-            r#"{"finish_reason":"stop"}"#,
-            r#"{"finish_reason":null}"#,
-            r#"{"delta":"content"}"#,
-            r#"{"delta":7}"#,
-            r#"[1]"#,
-            r#"null"#,
-        ];
-        const OTHER: &[&str] = &[
-            r#""error":null"#,
-            r#""error":{"message":"x"}"#,
-            r#""usage":{"total_tokens":3}"#,
-            r#""choices":null"#,
-            r#""choices":{}"#,
-            r#""id":"c1""#,
-        ];
-        let mut state = 0x1234_5678_9abc_def1u64;
-        let mut next = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
-        for _ in 0..20_000 {
-            let mut members = Vec::new();
-            for _ in 0..next(3) {
-                members.push(OTHER[next(OTHER.len())].to_string());
-            }
-            if next(4) > 0 {
-                let choices: Vec<&str> =
-                    (0..next(3)).map(|_| CHOICES[next(CHOICES.len())]).collect();
-                members.push(format!(r#""choices":[{}]"#, choices.join(",")));
-            }
-            for _ in 0..next(2) {
-                members.push(OTHER[next(OTHER.len())].to_string());
-            }
-            let data = format!("{{{}}}", members.join(","));
-            assert_eq!(
-                has_output(format!("data: {data}\n\n").as_bytes()),
-                has_output_value(data.as_bytes()),
-                "{data}"
-            );
-        }
-        for odd in ["[1,2]", "3", "\"text\"", "{\"a\":}", "not json"] {
-            assert_eq!(
-                has_output(format!("data: {odd}\n\n").as_bytes()),
-                has_output_value(odd.as_bytes()),
-                "{odd}"
-            );
-        }
     }
 
     #[test]

@@ -150,24 +150,6 @@ impl<'de> Deserialize<'de> for Fields<'de> {
     }
 }
 
-/// The members of a JSON object as (key, raw value) pairs in order, duplicates included; `None`
-/// when `json` is not an object (or not valid JSON).
-pub fn object_members(json: &[u8]) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
-    serde_json::from_slice::<Fields>(json).ok().map(|f| f.0)
-}
-
-/// The last member named `key` (JSON parsers agree that the last one wins).
-pub fn last_member<'a>(
-    members: &[(Cow<'_, str>, &'a RawValue)],
-    key: &str,
-) -> Option<&'a RawValue> {
-    members
-        .iter()
-        .rev()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| *v)
-}
-
 /// The fast check of `messages`: every element an object whose `role` is a known string.
 #[derive(Deserialize)]
 struct RoleOnly<'a> {
