@@ -189,7 +189,8 @@ pub fn service(app: Arc<App>) -> Gateway {
     Gateway { app }
 }
 
-const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+/// The request id every request and response carries, and every upstream call.
+pub const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 type ResponseFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use crate::backends::BoxFuture;
 use crate::cache::CacheUse;
 use crate::ledger::pricing::Pricing;
-use crate::openai::{Endpoint, Usage};
+use crate::openai::{Endpoint, Usage, put_json_string};
 
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,7 +194,7 @@ fn usage_line(out: &mut Vec<u8>, ev: &UsageEvent) {
         (b",\"backend\":", &ev.backend),
     ] {
         out.extend_from_slice(key);
-        json_str(out, value);
+        put_json_string(out, value);
     }
     for (key, value) in [
         (&b",\"prompt_tokens\":"[..], usage.prompt_tokens),
@@ -213,15 +213,15 @@ fn usage_line(out: &mut Vec<u8>, ev: &UsageEvent) {
     out.extend_from_slice(b",\"streamed\":");
     out.extend_from_slice(json_bool(ev.streamed));
     out.extend_from_slice(b",\"outcome\":");
-    json_str(out, ev.outcome.as_str());
+    put_json_string(out, ev.outcome.as_str());
     if let Some(f) = &ev.fallback {
         out.extend_from_slice(b",\"fallback\":");
-        json_str(out, f);
+        put_json_string(out, f);
     }
     out.extend_from_slice(b",\"streamed_chunks\":");
     out.extend_from_slice(n.format(ev.streamed_chunks).as_bytes());
     out.extend_from_slice(b",\"cache\":");
-    json_str(out, ev.cache.as_str());
+    put_json_string(out, ev.cache.as_str());
     if let CacheUse::Hit {
         similarity, saved, ..
     } = ev.cache
@@ -237,67 +237,15 @@ fn usage_line(out: &mut Vec<u8>, ev: &UsageEvent) {
     out.extend_from_slice(b",\"kb_chunks\":");
     out.extend_from_slice(n.format(ev.kb_chunks).as_bytes());
     if !ev.rules.is_empty() {
-        out.extend_from_slice(b",\"rules\":\"");
-        for (i, r) in ev.rules.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            json_str_body(out, r);
-        }
-        out.push(b'"');
+        let names: Vec<&str> = ev.rules.iter().map(|r| r.as_ref()).collect();
+        out.extend_from_slice(b",\"rules\":");
+        put_json_string(out, &names.join(","));
     }
     out.extend_from_slice(b"}}\n");
 }
 
 fn json_bool(b: bool) -> &'static [u8] {
     if b { b"true" } else { b"false" }
-}
-
-/// `s` as a JSON string, escaped as serde_json escapes.
-fn json_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    json_str_body(out, s);
-    out.push(b'"');
-}
-
-fn json_str_body(out: &mut Vec<u8>, s: &str) {
-    let bytes = s.as_bytes();
-    // Names and ids almost never need escaping: copy them whole.
-    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
-        out.extend_from_slice(bytes);
-        return;
-    }
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0..=0x1f => {
-                out.extend_from_slice(&bytes[start..i]);
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(&[
-                    b'\\',
-                    b'u',
-                    b'0',
-                    b'0',
-                    HEX[usize::from(b >> 4)],
-                    HEX[usize::from(b & 0xf)],
-                ]);
-                start = i + 1;
-                continue;
-            }
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(escape);
-        start = i + 1;
-    }
-    out.extend_from_slice(&bytes[start..]);
 }
 
 #[cfg(test)]

@@ -97,7 +97,7 @@ pub async fn model_call(
     let started = Instant::now();
     let request_id = req
         .headers()
-        .get("x-request-id")
+        .get(crate::app::X_REQUEST_ID)
         .cloned()
         .unwrap_or_else(|| HeaderValue::from_static("-"));
     let cache_control = req.headers().get(header::CACHE_CONTROL).cloned();

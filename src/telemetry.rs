@@ -1,7 +1,6 @@
 //! Logs (`tracing`) and Prometheus metrics.
 
 use std::cell::{OnceCell, RefCell};
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -107,41 +106,10 @@ pub struct ResultLabels {
 const MAX_CACHED_HANDLES: usize = 4096;
 
 /// (metrics instance, tenant string's address, model string's address) → handles.
-type HandleCache = HashMap<(u64, usize, usize), Rc<RequestMetrics>, AddressHash>;
+type HandleCache = crate::policy::Map<(u64, usize, usize), Rc<RequestMetrics>>;
 
 thread_local! {
-    static HANDLES: RefCell<HandleCache> = RefCell::new(HashMap::default());
-}
-
-/// Hashes the cache's keys (an instance number and two addresses, nothing a client chooses):
-/// a multiply per word instead of SipHash's rounds.
-#[derive(Default, Clone, Copy)]
-struct AddressHash;
-
-impl std::hash::BuildHasher for AddressHash {
-    type Hasher = AddressHasher;
-    fn build_hasher(&self) -> AddressHasher {
-        AddressHasher(0)
-    }
-}
-
-struct AddressHasher(u64);
-
-impl std::hash::Hasher for AddressHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
+    static HANDLES: RefCell<HandleCache> = RefCell::new(HandleCache::default());
 }
 
 /// Handles of the metrics of one tenant's requests to one model alias ([`Metrics::of`]). The

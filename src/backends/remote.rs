@@ -20,7 +20,6 @@ use crate::openai::Endpoint;
 
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Headers of an upstream answer that the client should see.
@@ -159,7 +158,7 @@ impl Remote {
         headers.reserve(5);
         headers.insert(header::CONTENT_TYPE, req.content_type);
         headers.insert(header::USER_AGENT, HeaderValue::from_static("fuke/0.1"));
-        headers.insert(X_REQUEST_ID, req.request_id);
+        headers.insert(crate::app::X_REQUEST_ID, req.request_id);
         if let Some(tp) = req.traceparent {
             headers.insert(TRACEPARENT, tp);
         }

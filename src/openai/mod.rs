@@ -318,7 +318,7 @@ impl<'a> JsonRequest<'a> {
         let mut put = |out: &mut BytesMut, k: &str, v: &[u8]| {
             out.put_u8(if first { b'{' } else { b',' });
             first = false;
-            out.put_slice(&serde_json::to_vec(k).unwrap_or_default());
+            put_json_string(out, k);
             out.put_u8(b':');
             out.put_slice(v);
         };
@@ -361,49 +361,49 @@ impl<'a> JsonRequest<'a> {
         let mut out = BytesMut::with_capacity(size + upstream_model.len() + 48);
         out.put_u8(b'{');
         let mut first = true;
-        let mut put_field = |out: &mut BytesMut, key: &str, value: &[u8]| {
+        // Writes `"key":`; the caller writes the value.
+        let mut put_key = |out: &mut BytesMut, key: &str| {
             if !first {
                 out.put_u8(b',');
             }
             first = false;
             put_json_string(out, key);
             out.put_u8(b':');
-            out.put_slice(value);
         };
-        let mut model_json = BytesMut::new();
-        put_json_string(&mut model_json, upstream_model);
         let mut saw_stream_options = false;
         let mut saw_stream = false;
         for (key, raw) in &self.fields {
+            put_key(&mut out, key);
             match key.as_ref() {
-                "model" => put_field(&mut out, key, &model_json),
+                "model" => put_json_string(&mut out, upstream_model),
                 "stream" if stream != self.stream => {
                     saw_stream = true;
-                    put_field(&mut out, key, if stream { b"true" } else { b"false" });
+                    out.put_slice(if stream { b"true" } else { b"false" });
                 }
                 "stream_options" if stream => {
                     saw_stream_options = true;
-                    put_field(&mut out, key, &forced_stream_options(raw));
+                    out.put_slice(&forced_stream_options(raw));
                 }
-                _ => put_field(&mut out, key, raw.get().as_bytes()),
+                _ => out.put_slice(raw.get().as_bytes()),
             }
         }
         if stream && !self.stream && !saw_stream {
-            put_field(&mut out, "stream", b"true");
+            put_key(&mut out, "stream");
+            out.put_slice(b"true");
         }
         if stream && !saw_stream_options {
-            put_field(&mut out, "stream_options", br#"{"include_usage":true}"#);
+            put_key(&mut out, "stream_options");
+            out.put_slice(br#"{"include_usage":true}"#);
         }
         out.put_u8(b'}');
         out.freeze()
     }
 }
 
-/// `s` as a JSON string. Keys came out of JSON and model names out of the policy; re-escaping
-/// is exact for every string, and the common case (nothing to escape) copies it as it is.
-fn put_json_string(out: &mut BytesMut, s: &str) {
+/// `s` as a JSON string, escaped exactly as serde_json escapes; the common case (nothing to
+/// escape: keys, model names, ids) copies it as it is.
+pub fn put_json_string(out: &mut impl BufMut, s: &str) {
     if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.reserve(s.len() + 2);
         out.put_u8(b'"');
         out.put_slice(s.as_bytes());
         out.put_u8(b'"');
@@ -580,6 +580,16 @@ mod tests {
         false
     }
 
+    /// A repeatable stream of pseudo-random numbers for the equivalence tests.
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
     /// The reverse-search definition [`find_usage_object`] must agree with.
     fn find_usage_object_rev(json: &[u8]) -> Option<usize> {
         let finder = memchr::memmem::FinderRev::new(b"\"usage\"");
@@ -608,13 +618,7 @@ mod tests {
             b"\"usage\":{\"total_tokens\":3}",
             b"\"usage\": null",
         ];
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..100_000 {
             let n = (next() % 10) as usize;
             let json: Vec<u8> = (0..n)
@@ -636,13 +640,7 @@ mod tests {
     #[test]
     fn depth_scan_agrees_with_the_bytewise_definition() {
         const ALPHABET: &[u8] = b"\"\\[]{}a:,";
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..200_000 {
             let len = (next() % 24) as usize;
             let json: Vec<u8> = (0..len)
