@@ -219,7 +219,7 @@ impl tower::Service<Request<Incoming>> for Gateway {
             }
         };
         let app = self.app.clone();
-        Box::pin(async move {
+        crate::backends::pin_in_place(move || async move {
             // A bug in one request becomes a 500 for that request, not a dead connection.
             let mut resp = AssertUnwindSafe(handle(app, req))
                 .catch_unwind()

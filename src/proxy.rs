@@ -273,7 +273,7 @@ pub async fn model_call(
     }
 
     let used = call.cache;
-    let mut resp = routing::serve(call, payload).await?;
+    let mut resp = crate::backends::pin_in_place(|| routing::serve(call, payload)).await?;
     cache::label(&mut resp, used);
     if let Some(v) = sources {
         resp.headers_mut().insert(X_FUKE_KB_SOURCES, v);

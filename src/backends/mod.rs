@@ -17,6 +17,15 @@ use crate::openai::Endpoint;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Boxes the future that `make` returns, built in its heap slot. `Box::pin(f())` builds `f`'s
+/// future on the stack at the size of its largest state (kilobytes for the request handler,
+/// whose nested awaits are all inline) and then copies all of it, although only the arguments
+/// are set; allocating first lets the compiler write those straight into the box.
+#[inline(always)]
+pub fn pin_in_place<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
 /// What the gateway asks of a backend: the body is already rewritten for it.
 pub struct BackendRequest {
     pub endpoint: Endpoint,

@@ -213,7 +213,7 @@ impl Backend for Remote {
     }
 
     fn send(&self, req: BackendRequest) -> BoxFuture<'_, Result<BackendResponse, Error>> {
-        Box::pin(self.call(req))
+        super::pin_in_place(|| self.call(req))
     }
 }
 

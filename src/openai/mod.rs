@@ -89,7 +89,8 @@ impl Endpoint {
 pub struct JsonRequest<'a> {
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
     pub endpoint: Endpoint,
-    pub model: String,
+    /// Borrowed from the body unless it was written with escapes.
+    pub model: Cow<'a, str>,
     pub stream: bool,
     /// Whether the client itself asked for the usage chunk.
     pub include_usage: bool,
@@ -155,6 +156,35 @@ impl<'de> Deserialize<'de> for Fields<'de> {
 struct RoleOnly<'a> {
     #[serde(borrow)]
     role: Text<'a>,
+}
+
+/// Whether `messages` is a non-empty array of objects whose every `role` is a known string,
+/// checked element by element as the parser reads them (nothing collected).
+struct RolesKnown(bool);
+
+impl<'de> Deserialize<'de> for RolesKnown {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RolesKnown;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of messages")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RolesKnown, A::Error> {
+                let mut any = false;
+                let mut known = true;
+                while let Some(m) = seq.next_element::<RoleOnly<'de>>()? {
+                    any = true;
+                    known &= ROLES.contains(&m.role.0.as_ref());
+                }
+                Ok(RolesKnown(any && known))
+            }
+        }
+        d.deserialize_seq(V)
+    }
 }
 
 const ROLES: &[&str] = &[
@@ -229,15 +259,18 @@ impl<'a> JsonRequest<'a> {
         let mut req = JsonRequest {
             fields,
             endpoint,
-            model: String::new(),
+            model: Cow::Borrowed(""),
             stream: false,
             include_usage: false,
         };
 
         let model = match req.get("model") {
             None => return Err(missing("model")),
-            Some(raw) => serde_json::from_str::<String>(raw.get())
-                .map_err(|_| type_error("model", "a string"))?,
+            Some(raw) => {
+                serde_json::from_str::<Text<'a>>(raw.get())
+                    .map_err(|_| type_error("model", "a string"))?
+                    .0
+            }
         };
         if model.is_empty() {
             return Err(missing("model"));
@@ -422,10 +455,7 @@ fn forced_stream_options(raw: &RawValue) -> Vec<u8> {
 fn validate_messages(raw: Option<&RawValue>) -> Result<(), Error> {
     let raw = raw.ok_or_else(|| missing("messages"))?;
     // Fast path: one pass that touches only `role`; the precise error needs the slow one.
-    if let Ok(roles) = serde_json::from_str::<Vec<RoleOnly>>(raw.get())
-        && !roles.is_empty()
-        && roles.iter().all(|r| ROLES.contains(&r.role.0.as_ref()))
-    {
+    if serde_json::from_str::<RolesKnown>(raw.get()).is_ok_and(|ok| ok.0) {
         return Ok(());
     }
     let messages: Vec<&RawValue> =

@@ -707,17 +707,24 @@ fn validate_candidate(
         return None;
     }
     let name = c.name.clone().unwrap_or(default_name);
-    if name.is_empty() || HeaderValue::from_str(&name).is_err() {
-        report.add(
-            si,
-            format!("{path}.name"),
-            "must be non-empty printable ASCII (it is sent as a header)",
-        );
-        return None;
-    }
+    // Printable ASCII only (`from_str`'s rule), kept in a shared buffer that clones by count.
+    let header = match HeaderValue::from_str(&name)
+        .and_then(|_| HeaderValue::from_maybe_shared(bytes::Bytes::from(name.clone())))
+    {
+        Ok(h) if !name.is_empty() => h,
+        _ => {
+            report.add(
+                si,
+                format!("{path}.name"),
+                "must be non-empty printable ASCII (it is sent as a header)",
+            );
+            return None;
+        }
+    };
     let health = backends.health.entry(backend.name(), &model, settings);
     Some(Candidate {
         name: name.into(),
+        header,
         backend_name: backend.name().into(),
         backend,
         model: model.into(),

@@ -48,6 +48,9 @@ const X_FUKE_OVERHEAD_MS: HeaderName = HeaderName::from_static("x-fuke-overhead-
 pub struct Candidate {
     /// What `x-fuke-backend` says: `upstream/model` or `local/name` unless policy names it.
     pub name: Arc<str>,
+    /// `name` as the `x-fuke-backend` value, built once: each answer clones it instead of
+    /// allocating and checking a new one.
+    pub header: HeaderValue,
     pub backend: Arc<dyn Backend>,
     /// The model name the backend knows.
     pub model: Arc<str>,
@@ -227,7 +230,7 @@ pub async fn serve(call: Call<'_>, payload: Payload<'_>) -> Result<Response<Body
         call: &call,
         armed: true,
     };
-    let result = attempts(&call, payload, &mut waited).await;
+    let result = crate::backends::pin_in_place(|| attempts(&call, payload, &mut waited)).await;
     guard.armed = false;
     drop(guard);
     let mut resp = result?;
@@ -662,10 +665,8 @@ fn label(
     skipped: &[(&Candidate, Fallback)],
 ) {
     let headers = resp.headers_mut();
-    if let Some(c) = served
-        && let Ok(v) = HeaderValue::from_str(&c.name)
-    {
-        headers.insert(X_FUKE_BACKEND, v);
+    if let Some(c) = served {
+        headers.insert(X_FUKE_BACKEND, c.header.clone());
     }
     if let Some(r) = reasons(skipped)
         && let Ok(v) = HeaderValue::from_str(&r)
