@@ -213,32 +213,316 @@ pub fn has_output(event: &[u8]) -> Result<bool, String> {
     if data == b"[DONE]" {
         return Ok(true);
     }
-    let v = serde_json::from_slice::<serde_json::Value>(data)
+    let event = serde_json::from_slice::<output::Event>(data)
         .map_err(|e| format!("invalid JSON in SSE event: {e}"))?;
-    if v.get("error").is_some_and(|e| !e.is_null()) {
+    if event.error {
         return Err("error event before the first token".into());
     }
-    let non_empty = |v: Option<&serde_json::Value>| match v {
-        Some(serde_json::Value::String(s)) => !s.is_empty(),
-        Some(serde_json::Value::Array(a)) => !a.is_empty(),
-        Some(serde_json::Value::Object(_)) => true,
-        _ => false,
-    };
-    let choices = v.get("choices").and_then(serde_json::Value::as_array);
-    Ok(choices.is_some_and(|cs| {
-        cs.iter().any(|c| {
-            let delta = c.get("delta");
-            let d = |k: &str| delta.and_then(|d| d.get(k));
-            non_empty(d("content"))
-                || non_empty(d("tool_calls"))
-                || non_empty(d("function_call"))
-                || non_empty(d("refusal"))
-                || non_empty(d("reasoning_content"))
-                || non_empty(d("reasoning"))
-                || non_empty(c.get("text"))
-                || c.get("finish_reason").is_some_and(|f| !f.is_null())
-        })
-    }))
+    Ok(event.output)
+}
+
+/// [`has_output`]'s reading of an event, as the parser goes: nothing is allocated and nothing
+/// kept but a few flags. It means what reading the event into a `serde_json::Value` and looking
+/// members up would (a test holds it to that): a repeated key counts by its last occurrence,
+/// a member of the wrong type counts as absent, and every value is parsed as a `Value` would
+/// be (a number out of range is invalid), not merely skipped.
+mod output {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::Deserialize;
+    use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+
+    /// The whole event.
+    #[derive(Default)]
+    pub(super) struct Event {
+        /// A non-null top-level `error`.
+        pub error: bool,
+        /// `choices` is an array and some choice in it carries output.
+        pub output: bool,
+    }
+
+    /// One choice.
+    #[derive(Default)]
+    struct Choice {
+        /// Its `delta`'s output members.
+        delta: bool,
+        text: bool,
+        finish_reason: bool,
+    }
+
+    /// A choice's `delta`: one flag per output member, each by its last occurrence.
+    #[derive(Default)]
+    struct Delta([bool; DELTA_OUTPUT.len()]);
+
+    const DELTA_OUTPUT: [&str; 6] = [
+        "content",
+        "tool_calls",
+        "function_call",
+        "refusal",
+        "reasoning_content",
+        "reasoning",
+    ];
+
+    /// What kind of value was read; compound values are consumed element by element.
+    #[derive(PartialEq)]
+    enum Kind {
+        Null,
+        /// A non-empty string or array, or any object.
+        NonEmpty,
+        /// A boolean, a number, an empty string or an empty array.
+        Other,
+    }
+
+    impl Kind {
+        fn non_empty(self) -> bool {
+            self == Kind::NonEmpty
+        }
+        fn not_null(self) -> bool {
+            self != Kind::Null
+        }
+    }
+
+    struct KindOf;
+
+    impl<'de> Visitor<'de> for KindOf {
+        type Value = Kind;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_unit<E>(self) -> Result<Kind, E> {
+            Ok(Kind::Null)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Kind, E> {
+            Ok(if v.is_empty() {
+                Kind::Other
+            } else {
+                Kind::NonEmpty
+            })
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Kind, A::Error> {
+            let mut kind = Kind::Other;
+            while seq.next_element::<Any>()?.is_some() {
+                kind = Kind::NonEmpty;
+            }
+            Ok(kind)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Kind, A::Error> {
+            while map.next_entry::<Key, Any>()?.is_some() {}
+            Ok(Kind::NonEmpty)
+        }
+    }
+
+    /// Any value, parsed as a `Value` would be, and dropped.
+    struct Any(Kind);
+
+    impl<'de> Deserialize<'de> for Any {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(KindOf).map(Any)
+        }
+    }
+
+    /// An object key, unescaped; only whether it is one of the keys read here is kept.
+    struct Key(Option<&'static str>);
+
+    const KEYS: [&str; 11] = [
+        "error",
+        "choices",
+        "delta",
+        "text",
+        "finish_reason",
+        "content",
+        "tool_calls",
+        "function_call",
+        "refusal",
+        "reasoning_content",
+        "reasoning",
+    ];
+
+    impl<'de> Deserialize<'de> for Key {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Key;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("an object key")
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+                    Ok(Key(KEYS.iter().copied().find(|k| *k == v)))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    /// A JSON object read member by member; any other value is consumed and reads as
+    /// `Default` (a `Value` lookup in a non-object finds nothing).
+    trait Members: Default {
+        fn member<'de, A: MapAccess<'de>>(
+            &mut self,
+            key: &'static str,
+            map: &mut A,
+        ) -> Result<(), A::Error>;
+    }
+
+    struct ObjectOr<T>(PhantomData<T>);
+
+    impl<'de, T: Members> Visitor<'de> for ObjectOr<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+            let mut out = T::default();
+            while let Some(Key(key)) = map.next_key::<Key>()? {
+                match key {
+                    Some(key) => out.member(key, &mut map)?,
+                    None => {
+                        map.next_value::<Any>()?;
+                    }
+                }
+            }
+            Ok(out)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+            KindOf.visit_seq(seq).map(|_| T::default())
+        }
+        fn visit_unit<E>(self) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<T, E> {
+            Ok(T::default())
+        }
+    }
+
+    macro_rules! deserialize_members {
+        ($($t:ty),*) => {$(
+            impl<'de> Deserialize<'de> for $t {
+                fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                    d.deserialize_any(ObjectOr(PhantomData))
+                }
+            }
+        )*};
+    }
+    deserialize_members!(Event, Choice, Delta);
+
+    impl Members for Event {
+        fn member<'de, A: MapAccess<'de>>(
+            &mut self,
+            key: &'static str,
+            map: &mut A,
+        ) -> Result<(), A::Error> {
+            match key {
+                "error" => self.error = map.next_value::<Any>()?.0.not_null(),
+                "choices" => self.output = map.next_value::<Choices>()?.0,
+                _ => {
+                    map.next_value::<Any>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl Members for Choice {
+        fn member<'de, A: MapAccess<'de>>(
+            &mut self,
+            key: &'static str,
+            map: &mut A,
+        ) -> Result<(), A::Error> {
+            match key {
+                "delta" => self.delta = map.next_value::<Delta>()?.0.contains(&true),
+                "text" => self.text = map.next_value::<Any>()?.0.non_empty(),
+                "finish_reason" => self.finish_reason = map.next_value::<Any>()?.0.not_null(),
+                _ => {
+                    map.next_value::<Any>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl Members for Delta {
+        fn member<'de, A: MapAccess<'de>>(
+            &mut self,
+            key: &'static str,
+            map: &mut A,
+        ) -> Result<(), A::Error> {
+            let value = map.next_value::<Any>()?.0;
+            if let Some(i) = DELTA_OUTPUT.iter().position(|k| *k == key) {
+                self.0[i] = value.non_empty();
+            }
+            Ok(())
+        }
+    }
+
+    /// `choices`: whether it is an array with some choice that carries output (anything else
+    /// carries none).
+    struct Choices(bool);
+
+    impl<'de> Deserialize<'de> for Choices {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Choices;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
+                    let mut any = false;
+                    while let Some(c) = seq.next_element::<Choice>()? {
+                        any |= c.delta || c.text || c.finish_reason;
+                    }
+                    Ok(Choices(any))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Choices, A::Error> {
+                    KindOf.visit_map(map).map(|_| Choices(false))
+                }
+                fn visit_unit<E>(self) -> Result<Choices, E> {
+                    Ok(Choices(false))
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<Choices, E> {
+                    Ok(Choices(false))
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<Choices, E> {
+                    Ok(Choices(false))
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<Choices, E> {
+                    Ok(Choices(false))
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<Choices, E> {
+                    Ok(Choices(false))
+                }
+                fn visit_str<E>(self, _: &str) -> Result<Choices, E> {
+                    Ok(Choices(false))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
 }
 
 /// The `data:` field of an event (the first one; OpenAI-compatible servers send one per event).
@@ -427,5 +711,186 @@ mod tests {
         assert_eq!(has_output(b"data: [DONE]"), Ok(true));
         assert!(has_output(br#"data: {"error":{"message":"overloaded"}}"#).is_err());
         assert!(has_output(b"data: {not json").is_err());
+    }
+
+    /// The definition [`has_output`] must agree with: the event read into a `Value`.
+    fn has_output_by_value(event: &[u8]) -> Result<bool, String> {
+        let data = event_data(event);
+        let data = data.as_slice();
+        if data.is_empty() {
+            return Ok(false);
+        }
+        if data == b"[DONE]" {
+            return Ok(true);
+        }
+        let v = serde_json::from_slice::<serde_json::Value>(data)
+            .map_err(|e| format!("invalid JSON in SSE event: {e}"))?;
+        if v.get("error").is_some_and(|e| !e.is_null()) {
+            return Err("error event before the first token".into());
+        }
+        let non_empty = |v: Option<&serde_json::Value>| match v {
+            Some(serde_json::Value::String(s)) => !s.is_empty(),
+            Some(serde_json::Value::Array(a)) => !a.is_empty(),
+            Some(serde_json::Value::Object(_)) => true,
+            _ => false,
+        };
+        let choices = v.get("choices").and_then(serde_json::Value::as_array);
+        Ok(choices.is_some_and(|cs| {
+            cs.iter().any(|c| {
+                let delta = c.get("delta");
+                let d = |k: &str| delta.and_then(|d| d.get(k));
+                non_empty(d("content"))
+                    || non_empty(d("tool_calls"))
+                    || non_empty(d("function_call"))
+                    || non_empty(d("refusal"))
+                    || non_empty(d("reasoning_content"))
+                    || non_empty(d("reasoning"))
+                    || non_empty(c.get("text"))
+                    || c.get("finish_reason").is_some_and(|f| !f.is_null())
+            })
+        }))
+    }
+
+    /// A random JSON value over the keys `has_output` reads (and some it does not), nested
+    /// where the event's shape nests, with escaped keys and numbers out of range now and then.
+    fn random_value(next: &mut impl FnMut() -> u64, depth: u32, out: &mut String) {
+        const KEYS: &[&str] = &[
+            "error",
+            "choices",
+            "delta",
+            "text",
+            "finish_reason",
+            "content",
+            "tool_calls",
+            "function_call",
+            "refusal",
+            "reasoning_content",
+            "reasoning",
+            "role",
+            "id",
+            "index",
+            "\\u0063ontent",
+            "err\\u006fr",
+            "choice",
+        ];
+        const SCALARS: &[&str] = &[
+            "null",
+            "\"\"",
+            "\"x\"",
+            "\"stop\"",
+            "true",
+            "false",
+            "0",
+            "-1.5e3",
+            "1e400",
+            "18446744073709551616",
+            "\"\\n\"",
+            "\"\\ud83d\\ude00\"",
+        ];
+        let pick = next() % if depth > 3 { 3 } else { 10 };
+        match pick {
+            0..=2 => out.push_str(SCALARS[(next() % SCALARS.len() as u64) as usize]),
+            3..=5 => {
+                out.push('{');
+                for i in 0..next() % 4 {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push('"');
+                    out.push_str(KEYS[(next() % KEYS.len() as u64) as usize]);
+                    out.push_str("\":");
+                    random_value(next, depth + 1, out);
+                }
+                out.push('}');
+            }
+            _ => {
+                out.push('[');
+                for i in 0..next() % 3 {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    random_value(next, depth + 1, out);
+                }
+                out.push(']');
+            }
+        }
+    }
+
+    #[test]
+    fn has_output_agrees_with_reading_the_event_into_a_value() {
+        let mut next = crate::openai::tests::xorshift(0x5eed_cafe);
+        let mut events = 0;
+        let mut outputs = 0;
+        let mut errors = 0;
+        for _ in 0..60_000 {
+            let mut json = String::new();
+            if next().is_multiple_of(2) {
+                random_value(&mut next, 0, &mut json);
+            } else {
+                // Shaped like a chunk: choices of objects with a delta, members random.
+                json.push_str(r#"{"id":"x","#);
+                if next().is_multiple_of(4) {
+                    json.push_str(r#""error":"#);
+                    random_value(&mut next, 3, &mut json);
+                    json.push(',');
+                }
+                json.push_str(r#""choices":["#);
+                for i in 0..next() % 3 {
+                    if i > 0 {
+                        json.push(',');
+                    }
+                    json.push_str(r#"{"index":0,"delta":{"#);
+                    for j in 0..next() % 3 {
+                        if j > 0 {
+                            json.push(',');
+                        }
+                        let k = ["role", "content", "tool_calls", "refusal", "reasoning"];
+                        json.push_str(&format!("\"{}\":", k[(next() % 5) as usize]));
+                        random_value(&mut next, 3, &mut json);
+                    }
+                    json.push_str(r#"},"finish_reason":"#);
+                    random_value(&mut next, 4, &mut json);
+                    json.push('}');
+                }
+                json.push_str("]}");
+            }
+            // Now and then broken: cut short, or a stray byte in it.
+            let mut bytes = json.into_bytes();
+            match next() % 16 {
+                0 if !bytes.is_empty() => bytes.truncate((next() % bytes.len() as u64) as usize),
+                1 => {
+                    let at = (next() % (bytes.len() as u64 + 1)) as usize;
+                    bytes.insert(at, b"{}[],:\"\\x"[(next() % 9) as usize]);
+                }
+                _ => {}
+            }
+            let mut event = b"data: ".to_vec();
+            event.extend_from_slice(&bytes);
+            let ours = has_output(&event);
+            assert_eq!(
+                ours,
+                has_output_by_value(&event),
+                "{}",
+                String::from_utf8_lossy(&event)
+            );
+            events += 1;
+            outputs += usize::from(ours == Ok(true));
+            errors += usize::from(ours.is_err());
+        }
+        // The generator reaches every answer.
+        assert!(
+            outputs > events / 50 && errors > events / 50,
+            "{outputs} {errors}"
+        );
+        for event in [
+            &br#"data: {"choices":[{"delta":{"content":"x","content":""}}]}"#[..],
+            br#"data: {"choices":[{"delta":{"content":""},"delta":{"refusal":"no"}}]}"#,
+            br#"data: {"choices":[{"text":"a"}],"choices":{}}"#,
+            br#"data: {"error":{"m":1},"error":null,"choices":[{"finish_reason":"stop"}]}"#,
+            br#"data: {"choices":[{"delta":{"tool_calls":[{}]}}],"x":1e400}"#,
+            br#"data: [{"choices":[{"text":"a"}]}]"#,
+        ] {
+            assert_eq!(has_output(event), has_output_by_value(event));
+        }
     }
 }

@@ -580,7 +580,7 @@ impl<'a> ModelObject<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     /// The byte-at-a-time definition [`nests_deeper_than`] must agree with.
     fn nests_deeper_than_bytewise(json: &[u8], max: usize) -> bool {
         let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
@@ -611,7 +611,7 @@ mod tests {
     }
 
     /// A repeatable stream of pseudo-random numbers for the equivalence tests.
-    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    pub(crate) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
         move || {
             state ^= state << 13;
             state ^= state >> 7;
