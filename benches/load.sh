@@ -5,6 +5,9 @@
 # process, and again after the load runs); latency on one connection (no queueing); and latency
 # at concurrency 16 under a fixed request rate below saturation.
 #   benches/load.sh [seconds per run, default 10] [slow streams, default 1000]
+# ROUNDS (default 3): the baseline and Fuke are measured in that many alternating rounds
+# (baseline first in odd rounds, Fuke first in even ones) and the median of the per-round ratios
+# is reported, so that a slow spell of a shared machine weighs on both sides alike.
 # Needs wrk (apt-get install wrk). Everything listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,14 +75,29 @@ run() { wrk_chat "$1" "$work/$2.lua" "$3" "$secs"; }
 echo "slow streams on the fresh gateway:"
 target/release/examples/slow_streams "http://$FUKE/v1/chat/completions" "$key" "$streams" "$fuke_pid"
 
-printf '%-5s %-5s %12s %12s %12s %10s %10s %10s %12s\n' mode conc direct_rps baseline_rps fuke_rps fuke/base direct_p99 base_p99 fuke_p99_ms
+rounds="${ROUNDS:-3}"
+median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
+echo "baseline and Fuke in $rounds alternating rounds each; medians (per-round ratios in brackets)"
+printf '%-5s %-5s %12s %12s %12s %10s %10s %10s %12s  %s\n' mode conc direct_rps baseline_rps fuke_rps fuke/base direct_p99 base_p99 fuke_p99_ms rounds
 for mode in json sse; do
   for c in 16 64; do
     read -r d_rps d_p99 < <(run $UP $mode $c)
-    read -r b_rps b_p99 < <(run $BASE $mode $c)
-    read -r f_rps f_p99 < <(run $FUKE $mode $c)
-    ratio=$(awk -v f="$f_rps" -v b="$b_rps" 'BEGIN {printf "%.3f", f/b}')
-    printf '%-5s %-5s %12s %12s %12s %10s %10s %10s %12s\n' "$mode" "$c" "$d_rps" "$b_rps" "$f_rps" "$ratio" "$d_p99" "$b_p99" "$f_p99"
+    b_all="" f_all="" bp_all="" fp_all="" r_all=""
+    for r in $(seq "$rounds"); do
+      if [ $((r % 2)) = 1 ]; then
+        read -r b_rps b_p99 < <(run $BASE $mode $c)
+        read -r f_rps f_p99 < <(run $FUKE $mode $c)
+      else
+        read -r f_rps f_p99 < <(run $FUKE $mode $c)
+        read -r b_rps b_p99 < <(run $BASE $mode $c)
+      fi
+      b_all+=" $b_rps" f_all+=" $f_rps" bp_all+=" $b_p99" fp_all+=" $f_p99"
+      r_all+=" $(awk -v f="$f_rps" -v b="$b_rps" 'BEGIN {printf "%.3f", f/b}')"
+    done
+    ratio=$(echo "$r_all" | median)
+    printf '%-5s %-5s %12s %12s %12s %10.3f %10s %10s %12s  [%s ]\n' "$mode" "$c" "$d_rps" \
+      "$(echo "$b_all" | median)" "$(echo "$f_all" | median)" "$ratio" "$d_p99" \
+      "$(echo "$bp_all" | median)" "$(echo "$fp_all" | median)" "$r_all"
   done
 done
 

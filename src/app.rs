@@ -145,7 +145,7 @@ impl UsageSink for TokenDebit {
             .saturating_add(billed.completion_tokens);
         let mut debits = Vec::new();
         if tokens > 0 {
-            let policy = self.policy.current();
+            let policy = self.policy.peek();
             if let Some(t) = policy.tenant(&event.tenant) {
                 if let Some(tpm) = t.limits.tokens_per_minute {
                     debits.push((Scope::Tenant(t.name.clone()), tpm));

@@ -120,6 +120,18 @@ impl BatchWriter {
 
 impl Write for BatchWriter {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        (&*self).write(line)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes through a shared reference, so that a writer kept in a shared sink needs no clone of
+/// its handle per line.
+impl Write for &BatchWriter {
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
         let s = &self.0;
         let mut st = s.lock();
         while st.buf.len() >= s.cap && !st.stop {
@@ -140,10 +152,10 @@ impl Write for BatchWriter {
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchWriter {
-    type Writer = BatchWriter;
+    type Writer = &'a BatchWriter;
 
-    fn make_writer(&'a self) -> BatchWriter {
-        self.clone()
+    fn make_writer(&'a self) -> &'a BatchWriter {
+        self
     }
 }
 

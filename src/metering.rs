@@ -149,24 +149,38 @@ pub struct LogSink<W> {
 
 impl<W> LogSink<W>
 where
-    W: Write + Clone + Send + Sync + 'static,
+    W: Send + Sync + 'static,
+    for<'a> &'a W: Write,
 {
     pub fn new(out: W) -> Self {
         LogSink { out }
     }
 }
 
+thread_local! {
+    /// Each worker thread's line buffer, reused from request to request.
+    static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
+}
+
 impl<W> UsageSink for LogSink<W>
 where
-    W: Write + Clone + Send + Sync + 'static,
+    W: Send + Sync + 'static,
+    for<'a> &'a W: Write,
 {
     fn record(&self, ev: UsageEvent) -> BoxFuture<'static, ()> {
-        let mut buf = Vec::with_capacity(512);
-        usage_line(&mut buf, &ev);
-        // One write per line: the batching writer keeps lines whole.
-        if let Err(e) = self.out.clone().write_all(&buf) {
-            tracing::error!(error = %e, "usage line could not be written");
-        }
+        LINE.with_borrow_mut(|buf| {
+            buf.clear();
+            usage_line(buf, &ev);
+            // One write per line, through a shared reference (no handle cloned per line): the
+            // batching writer keeps lines whole.
+            if let Err(e) = (&self.out).write_all(buf) {
+                tracing::error!(error = %e, "usage line could not be written");
+            }
+            // A rare huge line (many rule names) does not stay allocated on the thread.
+            if buf.capacity() > 64 << 10 {
+                *buf = Vec::with_capacity(512);
+            }
+        });
         Box::pin(async {})
     }
 }

@@ -42,6 +42,12 @@ impl PolicyStore {
         self.current.load_full()
     }
 
+    /// The current version for a short look (not held across an await): no reference count is
+    /// taken, so the look does not write to the count every request shares.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.current.load()
+    }
+
     /// Reads the directory again; swaps only if every file is valid.
     pub fn reload(&self) -> Result<u64, Problems> {
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
