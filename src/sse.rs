@@ -367,19 +367,27 @@ mod output {
         }
     }
 
-    /// A JSON object read member by member; any other value is consumed and reads as
-    /// `Default` (a `Value` lookup in a non-object finds nothing).
-    trait Members: Default {
+    /// A value read by the parts it is made of: an object member by member, an array element by
+    /// element; anything a type does not look at is parsed and dropped, and a value of another
+    /// kind reads as `Default` (a `Value` lookup in a non-object or non-array finds nothing).
+    trait Parts: Default {
+        /// Reads the value of a member this module knows the key of.
         fn member<'de, A: MapAccess<'de>>(
             &mut self,
-            key: &'static str,
+            _key: &'static str,
             map: &mut A,
-        ) -> Result<(), A::Error>;
+        ) -> Result<(), A::Error> {
+            map.next_value::<Any>().map(drop)
+        }
+        /// Reads the next element; `false` at the end of the array.
+        fn element<'de, A: SeqAccess<'de>>(&mut self, seq: &mut A) -> Result<bool, A::Error> {
+            Ok(seq.next_element::<Any>()?.is_some())
+        }
     }
 
-    struct ObjectOr<T>(PhantomData<T>);
+    struct PartsOf<T>(PhantomData<T>);
 
-    impl<'de, T: Members> Visitor<'de> for ObjectOr<T> {
+    impl<'de, T: Parts> Visitor<'de> for PartsOf<T> {
         type Value = T;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("any JSON value")
@@ -389,15 +397,15 @@ mod output {
             while let Some(Key(key)) = map.next_key::<Key>()? {
                 match key {
                     Some(key) => out.member(key, &mut map)?,
-                    None => {
-                        map.next_value::<Any>()?;
-                    }
+                    None => map.next_value::<Any>().map(drop)?,
                 }
             }
             Ok(out)
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
-            KindOf.visit_seq(seq).map(|_| T::default())
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
+            let mut out = T::default();
+            while out.element(&mut seq)? {}
+            Ok(out)
         }
         fn visit_unit<E>(self) -> Result<T, E> {
             Ok(T::default())
@@ -419,18 +427,18 @@ mod output {
         }
     }
 
-    macro_rules! deserialize_members {
+    macro_rules! deserialize_parts {
         ($($t:ty),*) => {$(
             impl<'de> Deserialize<'de> for $t {
                 fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                    d.deserialize_any(ObjectOr(PhantomData))
+                    d.deserialize_any(PartsOf(PhantomData))
                 }
             }
         )*};
     }
-    deserialize_members!(Event, Choice, Delta);
+    deserialize_parts!(Event, Choices, Choice, Delta);
 
-    impl Members for Event {
+    impl Parts for Event {
         fn member<'de, A: MapAccess<'de>>(
             &mut self,
             key: &'static str,
@@ -439,15 +447,28 @@ mod output {
             match key {
                 "error" => self.error = map.next_value::<Any>()?.0.not_null(),
                 "choices" => self.output = map.next_value::<Choices>()?.0,
-                _ => {
-                    map.next_value::<Any>()?;
-                }
+                _ => map.next_value::<Any>().map(drop)?,
             }
             Ok(())
         }
     }
 
-    impl Members for Choice {
+    /// `choices`: whether it is an array with some choice that carries output (anything else
+    /// carries none).
+    #[derive(Default)]
+    struct Choices(bool);
+
+    impl Parts for Choices {
+        fn element<'de, A: SeqAccess<'de>>(&mut self, seq: &mut A) -> Result<bool, A::Error> {
+            let Some(c) = seq.next_element::<Choice>()? else {
+                return Ok(false);
+            };
+            self.0 |= c.delta || c.text || c.finish_reason;
+            Ok(true)
+        }
+    }
+
+    impl Parts for Choice {
         fn member<'de, A: MapAccess<'de>>(
             &mut self,
             key: &'static str,
@@ -457,15 +478,13 @@ mod output {
                 "delta" => self.delta = map.next_value::<Delta>()?.0.contains(&true),
                 "text" => self.text = map.next_value::<Any>()?.0.non_empty(),
                 "finish_reason" => self.finish_reason = map.next_value::<Any>()?.0.not_null(),
-                _ => {
-                    map.next_value::<Any>()?;
-                }
+                _ => map.next_value::<Any>().map(drop)?,
             }
             Ok(())
         }
     }
 
-    impl Members for Delta {
+    impl Parts for Delta {
         fn member<'de, A: MapAccess<'de>>(
             &mut self,
             key: &'static str,
@@ -476,51 +495,6 @@ mod output {
                 self.0[i] = value.non_empty();
             }
             Ok(())
-        }
-    }
-
-    /// `choices`: whether it is an array with some choice that carries output (anything else
-    /// carries none).
-    struct Choices(bool);
-
-    impl<'de> Deserialize<'de> for Choices {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Choices;
-                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                    f.write_str("any JSON value")
-                }
-                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
-                    let mut any = false;
-                    while let Some(c) = seq.next_element::<Choice>()? {
-                        any |= c.delta || c.text || c.finish_reason;
-                    }
-                    Ok(Choices(any))
-                }
-                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Choices, A::Error> {
-                    KindOf.visit_map(map).map(|_| Choices(false))
-                }
-                fn visit_unit<E>(self) -> Result<Choices, E> {
-                    Ok(Choices(false))
-                }
-                fn visit_bool<E>(self, _: bool) -> Result<Choices, E> {
-                    Ok(Choices(false))
-                }
-                fn visit_i64<E>(self, _: i64) -> Result<Choices, E> {
-                    Ok(Choices(false))
-                }
-                fn visit_u64<E>(self, _: u64) -> Result<Choices, E> {
-                    Ok(Choices(false))
-                }
-                fn visit_f64<E>(self, _: f64) -> Result<Choices, E> {
-                    Ok(Choices(false))
-                }
-                fn visit_str<E>(self, _: &str) -> Result<Choices, E> {
-                    Ok(Choices(false))
-                }
-            }
-            d.deserialize_any(V)
         }
     }
 }
