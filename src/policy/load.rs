@@ -707,10 +707,7 @@ fn validate_candidate(
         return None;
     }
     let name = c.name.clone().unwrap_or(default_name);
-    // Printable ASCII only (`from_str`'s rule), kept in a shared buffer that clones by count.
-    let header = match HeaderValue::from_str(&name)
-        .and_then(|_| HeaderValue::from_maybe_shared(bytes::Bytes::from(name.clone())))
-    {
+    let header = match HeaderValue::from_str(&name) {
         Ok(h) if !name.is_empty() => h,
         _ => {
             report.add(
