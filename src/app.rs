@@ -267,7 +267,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         .tracing
         .as_ref()
         .map(|t| t.request(req.method().as_str(), req.uri().path(), req.headers()));
-    let resp = match dispatch(&app, req, &mut labels, trace.as_ref()).await {
+    let resp = match dispatch(&app, req, &mut labels, trace.as_ref(), started).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     };
@@ -332,12 +332,13 @@ async fn dispatch(
     req: Request<Incoming>,
     labels: &mut Labels,
     trace: Option<&Arc<RequestTrace>>,
+    started: Instant,
 ) -> Result<Response<Body>, Error> {
-    let path = req.uri().path().to_owned();
-    let method = req.method().clone();
+    let path = req.uri().path();
+    let method = req.method();
 
     // Edge routes: no key needed.
-    match (&method, path.as_str()) {
+    match (method, path) {
         (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok\n")),
         (&Method::GET, "/readyz") => {
             return if app.is_shutting_down() {
@@ -365,7 +366,7 @@ async fn dispatch(
         _ => {}
     }
 
-    let endpoint = endpoint_of(&path);
+    let endpoint = endpoint_of(path);
     let is_models = path == "/v1/models" || path.starts_with("/v1/models/");
     let is_admin = path == "/admin/breakers";
     let is_usage = path == "/v1/usage";
@@ -376,14 +377,14 @@ async fn dispatch(
         (None, false) => {
             return Err(Error::UnknownRoute {
                 method: method.to_string(),
-                path,
+                path: path.to_owned(),
             });
         }
     };
     if !method_ok {
         return Err(Error::MethodNotAllowed {
             method: method.to_string(),
-            path,
+            path: path.to_owned(),
         });
     }
     labels.model_endpoint = endpoint;
@@ -408,7 +409,7 @@ async fn dispatch(
         .ok_or_else(|| Error::Internal("key without tenant".into()))?;
 
     if is_models {
-        return proxy::models(&policy, tenant, &path);
+        return proxy::models(&policy, tenant, req.uri().path());
     }
     if is_admin {
         return breakers(app, &principal);
@@ -444,6 +445,7 @@ async fn dispatch(
         policy: &policy,
         principal: &principal,
         tenant,
+        started,
     };
     proxy::model_call(app, caller, endpoint, req, &mut labels.model, trace).await
 }

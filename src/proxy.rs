@@ -78,6 +78,8 @@ pub struct Caller<'a> {
     pub policy: &'a Policy,
     pub principal: &'a Principal,
     pub tenant: &'a Tenant,
+    /// When the gateway began handling the request (latency and overhead count from here).
+    pub started: Instant,
 }
 
 /// POST to a model endpoint, under the policy version and tenant the caller pinned.
@@ -93,8 +95,8 @@ pub async fn model_call(
         policy,
         principal,
         tenant,
+        started,
     } = caller;
-    let started = Instant::now();
     let request_id = req
         .headers()
         .get(crate::app::X_REQUEST_ID)

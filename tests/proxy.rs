@@ -325,6 +325,10 @@ async fn upstream_errors_pass_through_with_status_and_body() {
         assert_eq!(e["message"], format!("upstream refused: {code}"));
         if status == StatusCode::TOO_MANY_REQUESTS {
             assert_eq!(r.headers["retry-after"], "7");
+            // The upstream's rate-limit headers reach the client; its other headers do not.
+            assert_eq!(r.headers["x-ratelimit-remaining-requests"], "0");
+            assert_eq!(r.headers["x-ratelimit-reset-tokens"], "6m0s");
+            assert!(!r.headers.contains_key("x-upstream-region"));
         }
         let ev = gw.usage_of(&r).await;
         assert_eq!(ev.status, status.as_u16());

@@ -621,7 +621,11 @@ fn meter(
     Meter {
         sink: call.app.sink.clone(),
         metrics: call.app.metrics.clone(),
-        request_id: Arc::from(String::from_utf8_lossy(call.request_id.as_bytes())),
+        // from_utf8 checks ASCII a word at a time; the lossy reading only when it must.
+        request_id: std::str::from_utf8(call.request_id.as_bytes()).map_or_else(
+            |_| Arc::from(String::from_utf8_lossy(call.request_id.as_bytes())),
+            Arc::from,
+        ),
         tenant: call.principal.tenant.clone(),
         key_id: call.principal.key_id.clone(),
         endpoint: call.endpoint,

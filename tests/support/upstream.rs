@@ -145,8 +145,12 @@ fn error(status: StatusCode, code: &str) -> Response<Body> {
     let body = json!({"error": {"message": format!("upstream refused: {code}"), "type": "invalid_request_error", "param": "temperature", "code": code}});
     let mut r = full(status, "application/json", body.to_string());
     if status == StatusCode::TOO_MANY_REQUESTS {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, "7".parse().unwrap());
+        let h = r.headers_mut();
+        h.insert(header::RETRY_AFTER, "7".parse().unwrap());
+        h.insert("x-ratelimit-remaining-requests", "0".parse().unwrap());
+        h.insert("x-ratelimit-reset-tokens", "6m0s".parse().unwrap());
+        // Not one of the headers a client is shown.
+        h.insert("x-upstream-region", "eu-internal-3".parse().unwrap());
     }
     r
 }
