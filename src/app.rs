@@ -409,7 +409,7 @@ async fn dispatch(
         .ok_or_else(|| Error::Internal("key without tenant".into()))?;
 
     if is_models {
-        return proxy::models(&policy, tenant, req.uri().path());
+        return proxy::models(&policy, tenant, path);
     }
     if is_admin {
         return breakers(app, &principal);

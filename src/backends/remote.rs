@@ -22,8 +22,7 @@ pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// Headers of an upstream answer that the client should see (a `match`: compared by length
-/// first, not name by name against a list).
+/// Headers of an upstream answer that the client should see.
 fn relayed(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),

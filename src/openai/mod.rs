@@ -452,7 +452,7 @@ pub fn put_json_string(out: &mut impl BufMut, s: &str) {
     }
 }
 
-/// Whether JSON escapes any byte of `s` (a control byte, `"` or `\\`; serde_json escapes
+/// Whether JSON escapes any byte of `s` (a control byte, `"` or `\`; serde_json escapes
 /// nothing else), eight bytes at a time: this runs on every id and name the gateway writes.
 fn needs_escape(s: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
