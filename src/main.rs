@@ -18,9 +18,14 @@ use fuke::telemetry::{self, Metrics, ResultLabels};
 use fuke::tls::{CertStore, server_config};
 
 // mimalloc: measurably fewer cycles per request than glibc malloc on the relay path
-// (BENCHMARKS.md), and no fragmentation growth under many concurrent streams.
+// (BENCHMARKS.md), and no fragmentation growth under many concurrent streams. It is linked with
+// its `override` feature, so it *is* the process's malloc (for llama.cpp and SQLite too), and
+// Rust allocates through `System`, i.e. plain `malloc`. `mimalloc::MiMalloc` as the global
+// allocator would send every allocation through `mi_malloc_aligned`, whose fast path ends at
+// 1 KiB: larger blocks (buffers, futures) took its slow over-allocating path, about 1.9k
+// instructions per request (BENCHMARKS.md, run 9).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: std::alloc::System = std::alloc::System;
 
 #[derive(Parser)]
 #[command(name = "fuke", version, about = "OpenAI-compatible inference gateway")]
@@ -381,6 +386,11 @@ fn keygen(tenant: &str, id: Option<String>, role: &str) -> anyhow::Result<()> {
 fn serve(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&config_path).map_err(|p| anyhow::anyhow!("{p}"))?;
     let (log_writer, _log_flush) = telemetry::init_logging(config.log_format == LogFormat::Json)?;
+    // Also keeps mimalloc linked in: its `malloc` is the process's (see ALLOCATOR).
+    tracing::info!(
+        mimalloc = mimalloc::MiMalloc.version(),
+        "allocator: mimalloc"
+    );
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(serve_async(config, log_writer))
 }

@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use tokio::time::{Instant, Sleep};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::FutureExt as _;
 use http::{HeaderValue, Response, header};
 use http_body::Body as _;
 use http_body::Frame;
@@ -301,14 +302,21 @@ async fn read_answer(
     let result = async {
         let mut buf = BytesMut::new();
         loop {
-            let wait = Instant::now() + idle;
-            let wait = deadline.map_or(wait, |d| d.min(wait));
-            let frame = tokio::time::timeout_at(wait, body.frame())
-                .await
-                .map_err(|_| Error::UpstreamTimeout {
-                    upstream: meter.backend.to_string(),
-                    after_ms: idle.as_millis() as u64,
-                })?;
+            // A frame already there (a small answer usually arrives with its headers) needs no
+            // timer: each timer costs a clock read and writes to the runtime's shared counts.
+            let frame = match body.frame().now_or_never() {
+                Some(frame) => frame,
+                None => {
+                    let wait = Instant::now() + idle;
+                    let wait = deadline.map_or(wait, |d| d.min(wait));
+                    tokio::time::timeout_at(wait, body.frame())
+                        .await
+                        .map_err(|_| Error::UpstreamTimeout {
+                            upstream: meter.backend.to_string(),
+                            after_ms: idle.as_millis() as u64,
+                        })?
+                }
+            };
             let frame = match frame {
                 None => return Ok(buf.freeze()),
                 Some(Ok(frame)) => frame,

@@ -143,6 +143,31 @@ fn fuke() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fuke"))
 }
 
+/// The binary defines `malloc` and its kin itself: mimalloc's `override` feature. Rust allocates
+/// through `System` (plain `malloc`), so without the override every allocation of the gateway
+/// would silently go to glibc's allocator instead (BENCHMARKS.md, run 9).
+#[test]
+fn the_binary_brings_its_own_malloc() {
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only", env!("CARGO_BIN_EXE_fuke")])
+        .output()
+        .expect("nm (binutils, installed with gcc) runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let symbols = String::from_utf8_lossy(&out.stdout);
+    for name in ["malloc", "free", "realloc", "calloc", "posix_memalign"] {
+        assert!(
+            symbols
+                .lines()
+                .any(|l| l.split_whitespace().last() == Some(name)),
+            "the fuke binary does not define {name}"
+        );
+    }
+}
+
 /// `fuke check -c DIR/fuke.yaml`.
 fn check(dir: &std::path::Path) -> std::process::Output {
     fuke()

@@ -130,8 +130,16 @@ pub struct EndpointUris {
 }
 
 impl EndpointUris {
+    /// The URIs hold their text as `&'static` bytes (see [`interned`]): hyper clones a request's
+    /// authority and path several times, and clones of shared bytes are atomic reference counts
+    /// that every request on every core would otherwise write to.
     pub fn new(base_url: &str) -> Result<Self, http::uri::InvalidUri> {
-        let uri = |e: Endpoint| format!("{base_url}{}", e.upstream_path()).parse::<Uri>();
+        let uri = |e: Endpoint| {
+            let text = format!("{base_url}{}", e.upstream_path());
+            // Only valid URIs are kept for the life of the process.
+            text.parse::<Uri>()?;
+            Uri::from_maybe_shared(bytes::Bytes::from_static(interned(text).as_bytes()))
+        };
         Ok(EndpointUris {
             chat: uri(Endpoint::ChatCompletions)?,
             completions: uri(Endpoint::Completions)?,
@@ -148,6 +156,21 @@ impl EndpointUris {
             Endpoint::AudioTranscriptions => self.transcriptions.clone(),
         }
     }
+}
+
+/// `text` as a string that lives as long as the process, kept once however often it is asked
+/// for: the upstream URIs of every policy version, so memory grows only with the number of
+/// distinct upstream URLs ever configured, not with reloads.
+fn interned(text: String) -> &'static str {
+    static TEXTS: std::sync::LazyLock<Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut texts = TEXTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = texts.get(text.as_str()) {
+        return t;
+    }
+    let t: &'static str = Box::leak(text.into_boxed_str());
+    texts.insert(t);
+    t
 }
 
 // === impl Remote ===
@@ -229,4 +252,25 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_uris_are_kept_once_however_often_a_policy_is_loaded() {
+        let a = EndpointUris::new("http://127.0.0.1:9/v1").unwrap();
+        let b = EndpointUris::new("http://127.0.0.1:9/v1").unwrap();
+        let (ua, ub) = (
+            a.get(Endpoint::ChatCompletions),
+            b.get(Endpoint::Embeddings),
+        );
+        assert_eq!(ua.to_string(), "http://127.0.0.1:9/v1/chat/completions");
+        assert_eq!(ub.to_string(), "http://127.0.0.1:9/v1/embeddings");
+        // The same text, not a second copy: reloads do not add memory.
+        let again = b.get(Endpoint::ChatCompletions);
+        assert_eq!(ua.path().as_ptr(), again.path().as_ptr());
+        assert!(EndpointUris::new("http://exa mple/v1").is_err());
+    }
 }
